@@ -1,0 +1,1 @@
+"""ONNX export: graph wrappers, graph specs (I/O declared once), validation, bundle writer."""

@@ -1,0 +1,178 @@
+"""Export a target VLM into a validated bundle (the exporter core: it never names a model family)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+
+from .. import __version__
+from ..errors import DreamExportError
+from .graphs import DecoderGraph, set_eager_attention
+from .onnx_io import export_graph, op_inventory
+from .specs import decoder_spec, vision_spec
+from .validate import raise_on_mismatch, validate_decoder, validate_vision
+
+
+@dataclass
+class ExportOptions:
+    out: Path
+    force: bool = False
+    seed: int = 0
+
+
+class _Stages:
+    """A rich progress display of the export stages (plain lines when not a terminal)."""
+
+    def __init__(self, names: list[str], quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=quiet)
+        self.names = names
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        with self.console.status(f"[bold]{name}…"):
+            yield
+        self.console.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t0:.1f}s)[/]")
+
+    def print(self, *args, **kwargs):
+        self.console.print(*args, **kwargs)
+
+
+def load_target(source: str):
+    """Load model + processor with transformers' own classes (no remote code)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from ..registry import load_pretrained
+
+    config = load_pretrained(source, AutoConfig)
+    model = load_pretrained(source, AutoModelForImageTextToText, config=config, dtype=torch.float32)
+    processor = load_pretrained(source, AutoProcessor)
+    return model.eval(), processor
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not force:
+        raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing one (``--force``) is replaced only now."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quiet: bool = False) -> Path:
+    from ..targets import adapter_for
+
+    stages = _Stages([], quiet=quiet)
+    adapter = adapter_for(model, processor)
+    set_eager_attention(model)
+    tcfg = adapter.text_config
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    kv_heads = getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads
+    num_layers = len(adapter.decoder_layers())
+    vocab = adapter.lm_head().weight.shape[0]
+    hidden = tcfg.hidden_size
+    pre = adapter.preprocessing()
+    v_spec = vision_spec(*adapter.vision_input_shape()[:2], pre["image_seq_len"], hidden)
+    d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
+
+    tmp = _prepare_out(opts.out, opts.force)
+    try:
+        checks = []
+        graphs = {}
+        with stages.stage("vision tower + connector → vision.onnx"):
+            vision = adapter.vision_module().eval()
+            c, s, _ = adapter.vision_input_shape()
+            export_graph(vision, v_spec, (torch.zeros(2, c, s, s),), tmp / v_spec.file)
+        with stages.stage("check vision.onnx against PyTorch"):
+            checks += validate_vision(vision, v_spec, tmp / v_spec.file, opts.seed)
+        with stages.stage(f"text decoder ({num_layers} layers) → decoder.onnx"):
+            decoder = DecoderGraph(adapter).eval()
+            args = _decoder_dummy(d_spec, past_len=3, q_len=2)
+            export_graph(decoder, d_spec, args, tmp / d_spec.file)
+        with stages.stage("check decoder.onnx against PyTorch (prefill, step, 16-token tree)"):
+            checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, opts.seed)
+        for c_ in checks:
+            stages.print(f"    {c_.graph}/{c_.case}/{c_.output}: max abs diff {c_.max_abs_diff:.2e}" + ("" if c_.ok else "  [red]FAIL[/]"))
+        raise_on_mismatch(checks)
+        for spec in (v_spec, d_spec):
+            inv = op_inventory(tmp / spec.file)
+            if inv["non_standard"] or inv["not_trt_parsable"]:
+                raise DreamExportError(
+                    f"{spec.file}: ops TensorRT 8.6/10 cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}"
+                )
+            graphs[spec.name] = {**spec.to_json(), **inv}
+        with stages.stage("embeddings, tokenizer, manifest"):
+            emb = adapter.embed_tokens().weight.detach().float().numpy()
+            np.save(tmp / "embed_tokens.npy", emb)
+            (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "toolkit_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": {**source_info, "family": adapter.family},
+                "text": {
+                    "hidden_size": hidden,
+                    "vocab_size": vocab,
+                    "num_layers": num_layers,
+                    "kv_heads": kv_heads,
+                    "head_dim": head_dim,
+                    "max_positions": int(tcfg.max_position_embeddings),
+                },
+                "graphs": graphs,
+                "embeddings": {"file": "embed_tokens.npy", "shape": list(emb.shape), "dtype": "float32"},
+                "tokenizer": {"file": "tokenizer.json"},
+                "preprocessing": pre,
+                "chat_template": adapter.chat_template(),
+                "special_tokens": {"stop_token_ids": adapter.stop_token_ids(), "image_token_id": adapter.image_token_id},
+                "tree": None,
+                "drafter": None,
+                "validation": [c_.__dict__ for c_ in checks],
+            }
+            manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            tmp_manifest = tmp / (MANIFEST + ".part")
+            tmp_manifest.write_text(json.dumps(manifest, indent=1))
+            os.replace(tmp_manifest, tmp / MANIFEST)
+        with stages.stage("verify bundle"):
+            Bundle.load(tmp)
+        _commit(tmp, opts.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stages.print(f"[bold green]bundle written:[/] {opts.out}")
+    return opts.out
+
+
+def _decoder_dummy(spec, past_len: int, q_len: int) -> tuple:
+    kv = spec.extra["kv"]
+    hidden = spec.inputs[0].dims[2]
+    args = [
+        torch.randn(1, q_len, hidden),
+        torch.zeros(1, 1, q_len, past_len + q_len),
+        torch.arange(past_len, past_len + q_len)[None],
+    ]
+    for _ in range(kv["num_layers"]):
+        args += [torch.randn(1, kv["kv_heads"], past_len, kv["head_dim"]) for _ in range(2)]
+    return tuple(args)

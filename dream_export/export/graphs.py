@@ -1,0 +1,87 @@
+"""Exportable torch wrappers around a target's own HF modules.
+
+The decoder wrapper runs the family's HF decoder layers unchanged; only the cache is replaced by
+plain tensors (``_PlainKV``), and the mask and position ids are explicit inputs (DESIGN §2.5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _PlainKV:
+    """The smallest object HF attention layers accept as a cache.
+
+    ``update`` appends this call's keys/values to the given past and remembers them, so the graph can
+    return only the new entries: the runtime owns the cache.
+    """
+
+    def __init__(self, past_keys, past_values):
+        self.past_keys = list(past_keys)
+        self.past_values = list(past_values)
+        self.new_keys = [None] * len(self.past_keys)
+        self.new_values = [None] * len(self.past_keys)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.new_keys[layer_idx] = key_states
+        self.new_values[layer_idx] = value_states
+        keys = torch.cat([self.past_keys[layer_idx], key_states], dim=2)
+        values = torch.cat([self.past_values[layer_idx], value_states], dim=2)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past_keys[layer_idx].shape[2]
+
+
+class DecoderGraph(nn.Module):
+    """inputs_embeds [1,Q,H], attention_mask [1,1,Q,P+Q] (additive), position_ids [1,Q], past K/V [1,kvh,P,hd]
+    -> logits [1,Q,V], hidden_states [1,Q,H] (final-normed), new K/V [1,kvh,Q,hd] per layer."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.layers = nn.ModuleList(adapter.decoder_layers())
+        self.norm = adapter.final_norm()
+        self.rotary = adapter.rotary_emb()
+        self.lm_head = adapter.lm_head()
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        n = len(self.layers)
+        cache = _PlainKV(past[0::2][:n], past[1::2][:n])
+        hidden = inputs_embeds
+        position_embeddings = self.rotary(hidden, position_ids)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden)
+        presents = []
+        for k, v in zip(cache.new_keys, cache.new_values):
+            presents += [k, v]
+        return (logits, hidden, *presents)
+
+
+class EmbeddingGraph(nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.embed = adapter.embed_tokens()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+def set_eager_attention(model) -> None:
+    """Export with the eager attention path (plain MatMul/Softmax, an additive float mask)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+        return
+    for cfg in (model.config, getattr(model.config, "text_config", None), getattr(model.config, "vision_config", None)):
+        if cfg is not None:
+            cfg._attn_implementation = "eager"

@@ -1,0 +1,93 @@
+"""Graph I/O declared once per graph (DESIGN §2.3): names, dtypes, symbolic dims, tolerance.
+
+The same objects drive ``torch.onnx.export`` (names, dynamic axes), validation (dummy inputs by name)
+and the manifest, from which the runtime reads every name it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                    # numpy dtype name
+    dims: tuple                   # ints or symbolic names
+
+    def to_json(self):
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    atol: float = 1e-4
+    extra: dict = field(default_factory=dict)
+
+    def dynamic_axes(self) -> dict:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            sym = {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+            if sym:
+                axes[t.name] = sym
+        return axes
+
+    def to_json(self):
+        return {
+            "file": self.file,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "atol": self.atol,
+            **self.extra,
+        }
+
+
+def vision_spec(channels: int, size: int, image_seq_len: int, hidden: int) -> GraphSpec:
+    return GraphSpec(
+        name="vision",
+        file="vision.onnx",
+        inputs=(TensorSpec("pixel_values", "float32", ("tiles", channels, size, size)),),
+        outputs=(TensorSpec("image_embeds", "float32", ("tiles", image_seq_len, hidden)),),
+        atol=1e-3,
+    )
+
+
+def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+    past, present = [], []
+    for i in range(num_layers):
+        past += [TensorSpec(f"past_key_{i}", "float32", (1, kv_heads, "past_len", head_dim)),
+                 TensorSpec(f"past_value_{i}", "float32", (1, kv_heads, "past_len", head_dim))]
+        present += [TensorSpec(f"present_key_{i}", "float32", (1, kv_heads, "q_len", head_dim)),
+                    TensorSpec(f"present_value_{i}", "float32", (1, kv_heads, "q_len", head_dim))]
+    return GraphSpec(
+        name="decoder",
+        file="decoder.onnx",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", (1, "q_len", hidden)),
+            TensorSpec("attention_mask", "float32", (1, 1, "q_len", "total_len")),
+            TensorSpec("position_ids", "int64", (1, "q_len")),
+            *past,
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", (1, "q_len", vocab)),
+            TensorSpec("hidden_states", "float32", (1, "q_len", hidden)),
+            *present,
+        ),
+        atol=1e-3,
+        extra={
+            "kv": {
+                "num_layers": num_layers,
+                "kv_heads": kv_heads,
+                "head_dim": head_dim,
+                "past_key": [f"past_key_{i}" for i in range(num_layers)],
+                "past_value": [f"past_value_{i}" for i in range(num_layers)],
+                "present_key": [f"present_key_{i}" for i in range(num_layers)],
+                "present_value": [f"present_value_{i}" for i in range(num_layers)],
+            },
+            "mask_min": -1e4,
+        },
+    )

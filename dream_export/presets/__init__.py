@@ -1,0 +1,1 @@
+"""Named, built-in model presets (the offline ``smolvlm-tiny``)."""

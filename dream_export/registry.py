@@ -1,0 +1,59 @@
+"""Model aliases and where a ``--model`` argument points (alias, local folder, or hub id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.store import store_root  # noqa: F401  (one definition of the store, shared with the runtime)
+
+from .errors import ModelNotFoundError
+
+# alias -> hub id. ``smolvlm-tiny`` is the built-in offline model (no hub id).
+ALIASES = {
+    "smolvlm": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
+    "smolvlm-2b": "HuggingFaceTB/SmolVLM-Instruct",
+    "smolvlm-tiny": None,
+}
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Return ``(source, display_name)`` where source is a local folder or a hub id.
+
+    Raises ModelNotFoundError when the name is neither an alias, an existing folder, nor a hub id form.
+    """
+    if name in ALIASES:
+        if ALIASES[name] is None:
+            from .presets.smolvlm_tiny import ensure_smolvlm_tiny
+
+            return str(ensure_smolvlm_tiny()), name
+        return ALIASES[name], name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{name}: this folder has no config.json; expected a model saved with save_pretrained "
+                f"(config.json, model.safetensors, processor and tokenizer files)"
+            )
+        return str(path.resolve()), path.name
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name, name.split("/")[1]
+    raise ModelNotFoundError(
+        f"--model {name!r}: not an alias ({', '.join(ALIASES)}), not an existing folder, and not a hub id "
+        f"of the form owner/name"
+    )
+
+
+def load_pretrained(source: str, loader, **kwargs):
+    """Call ``loader.from_pretrained(source)``; turn 'not downloadable here' into one clear error."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:  # transformers raises OSError when the hub or the files are missing
+        if Path(source).exists():
+            raise ModelNotFoundError(f"{source}: could not load {loader.__name__}: {exc}") from exc
+        raise ModelNotFoundError(
+            f"model {source!r} is not in the local Hugging Face cache and could not be downloaded ({type(exc).__name__}). "
+            f"Download it where there is network (huggingface-cli download {source} --local-dir DIR) "
+            f"and pass the folder: dream-export --model DIR"
+        ) from exc

@@ -1,0 +1,4 @@
+"""Target adapters: one module per VLM family. The exporter core only talks to ``TargetAdapter``."""
+
+from .base import TargetAdapter, adapter_for, register_adapter  # noqa: F401
+from . import idefics3  # noqa: F401  (registers the SmolVLM / Idefics3 family)

@@ -1,0 +1,89 @@
+"""What the exporter needs to know about a VLM family, and the registry of families.
+
+An adapter answers: how to turn pixels into image embeddings, where the token embeddings, decoder
+layers, final norm, rotary embedding and LM head are, which token id marks image positions, and how
+the family preprocesses images and prompts (written to the manifest for the torch-free runtime).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+_ADAPTERS: list[type["TargetAdapter"]] = []
+
+
+def register_adapter(cls):
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def adapter_for(model, processor) -> "TargetAdapter":
+    model_type = getattr(model.config, "model_type", None)
+    for cls in _ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model, processor)
+    known = sorted(t for cls in _ADAPTERS for t in cls.model_types)
+    from ..errors import DreamExportError
+
+    raise DreamExportError(f"model_type {model_type!r} has no target adapter; supported: {', '.join(known)}")
+
+
+class TargetAdapter(ABC):
+    model_types: tuple[str, ...] = ()
+    family: str = ""
+
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+
+    # --- pieces of the text model -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def text_config(self): ...
+
+    @abstractmethod
+    def embed_tokens(self): ...
+
+    @abstractmethod
+    def decoder_layers(self) -> list: ...
+
+    @abstractmethod
+    def final_norm(self): ...
+
+    @abstractmethod
+    def rotary_emb(self): ...
+
+    @abstractmethod
+    def lm_head(self): ...
+
+    # --- vision ------------------------------------------------------------------------------
+    @abstractmethod
+    def vision_module(self):
+        """nn.Module: pixel_values [tiles,3,S,S] -> image_embeds [tiles, image_seq_len, hidden]."""
+
+    @abstractmethod
+    def vision_input_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int: ...
+
+    # --- preprocessing, written to the manifest -----------------------------------------------
+    @abstractmethod
+    def preprocessing(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def stop_token_ids(self) -> list[int]: ...
+
+    def chat_template(self) -> str:
+        template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer, "chat_template", None)
+        if not template:
+            from ..errors import DreamExportError
+
+            raise DreamExportError("the processor has no chat_template; expected one for instruction-tuned models")
+        return template
+
+    def tokenizer_json(self) -> str:
+        """The fast tokenizer serialised as tokenizer.json text (what ``tokenizers`` loads)."""
+        return self.processor.tokenizer.backend_tokenizer.to_str()

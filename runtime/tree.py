@@ -1,0 +1,70 @@
+"""Draft trees: the one frozen TreeSpec, and tree masks / positions for a verify call (numpy only).
+
+A tree of N nodes is given by ``parents``: parents[i] < i is the index of node i's parent, -1 for the
+root. Node i may attend the whole cached prefix, its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Total verified tokens N (root included), draft depth D, top-k K per expansion (EAGLE-2 dynamic tree)."""
+
+    total_tokens: int = 32
+    depth: int = 6
+    top_k: int = 4
+
+    def __post_init__(self):
+        if self.total_tokens < 1 or self.depth < 1 or self.top_k < 1:
+            raise ValueError(f"TreeSpec needs positive N, D, K; got {self}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TreeSpec":
+        return cls(**data)
+
+
+def depths(parents: np.ndarray) -> np.ndarray:
+    d = np.zeros(len(parents), dtype=np.int64)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            if p >= i:
+                raise ValueError(f"parents[{i}] = {p}: a parent must come before its child")
+            d[i] = d[p] + 1
+    return d
+
+
+def ancestor_matrix(parents: np.ndarray) -> np.ndarray:
+    """[N,N] bool: row i is True at i and at every ancestor of i."""
+    n = len(parents)
+    m = np.eye(n, dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] |= m[p]
+    return m
+
+
+def tree_mask(parents: np.ndarray, past_len: int, mask_min: float) -> np.ndarray:
+    """Additive mask [1,1,N,past_len+N]: 0 where allowed, mask_min elsewhere."""
+    n = len(parents)
+    allowed = np.concatenate([np.ones((n, past_len), dtype=bool), ancestor_matrix(parents)], axis=1)
+    return np.where(allowed, 0.0, mask_min).astype(np.float32)[None, None]
+
+
+def causal_mask(q_len: int, past_len: int, mask_min: float) -> np.ndarray:
+    return tree_mask(np.arange(q_len) - 1, past_len, mask_min)
+
+
+def random_tree(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random tree with nodes in parent-before-child order (for validation and tests)."""
+    parents = np.full(n, -1, dtype=np.int64)
+    for i in range(1, n):
+        parents[i] = rng.integers(0, i)
+    return parents
