@@ -57,6 +57,7 @@ class TinyVLMSpec:
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     seed: int = 0
+    init_std: float = 0.02           # random-weight test models use larger values for peakier, varied logits
 
     @property
     def image_seq_len(self) -> int:
@@ -122,6 +123,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(), token
             num_attention_heads=spec.vision_heads,
             image_size=spec.tile,
             patch_size=spec.patch,
+            initializer_range=spec.init_std,
         ),
         text_config=dict(
             model_type="llama",
@@ -139,6 +141,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(), token
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=eos_id,
             pad_token_id=tokenizer.pad_token_id,
+            initializer_range=spec.init_std,
         ),
     )
     torch.manual_seed(spec.seed)

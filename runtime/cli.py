@@ -1,0 +1,64 @@
+"""``dream-run IMAGE [IMAGE ...] PROMPT``: a thin CLI over ``runtime.Pipeline``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt about image(s) with an exported bundle.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE [IMAGE ...] PROMPT", help="image files, then the prompt")
+    p.add_argument("--bundle", type=Path, help="bundle folder (default: the most recent bundle in the store)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .bundle import find_latest_bundle
+    from .errors import RuntimeErrorBase
+    from .store import store_root
+
+    if len(args.inputs) < 2:
+        parser.error("expected at least one IMAGE and then a PROMPT")
+    *images, prompt = args.inputs
+    try:
+        from .pipeline import Pipeline
+        from .sampling import SamplingConfig
+
+        SamplingConfig(args.temperature, args.top_p, args.seed)  # validate before loading anything
+        bundle = args.bundle
+        if bundle is None:
+            bundle = find_latest_bundle(store_root())
+            if bundle is None:
+                raise RuntimeErrorBase(
+                    f"no bundle in {store_root() / 'bundles'}; export one (dream-export --model smolvlm-tiny) or pass --bundle"
+                )
+            print(f"dream-run: using bundle {bundle}", file=sys.stderr)
+        pipe = Pipeline.from_bundle(bundle, threads=args.threads)
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        if args.json:
+            print(json.dumps(pipe.generate(images, prompt, **kwargs).to_json()))
+        else:
+            for event in pipe.stream(images, prompt, **kwargs):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except (RuntimeErrorBase, ValueError) as exc:
+        print(f"dream-run: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``Pipeline``: the public API. Bundle -> preprocessing -> prefill -> decode loop, torch-free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .backends import make_backend
+from .bundle import Bundle
+from .chat import render, user_turn
+from .errors import InputError
+from .kv import KVCache
+from .preprocess import load_image, make_preprocessor
+from .sampling import SamplingConfig, choose
+from .tree import causal_mask
+
+
+@dataclass
+class Prepared:
+    input_ids: np.ndarray          # [S] int64
+    tiles: list[np.ndarray]        # one [T,3,S,S] per image
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+    prompt_tokens: int = 0
+    ttft_ms: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput after the first token (the prefill is in ttft_ms)."""
+        n = self.num_new_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "num_new_tokens": self.num_new_tokens,
+            "stop_reason": self.stop_reason,
+            "ttft_ms": round(self.ttft_ms, 3),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.backend = make_backend(bundle, backend, threads)
+        self.pre = make_preprocessor(m["preprocessing"])
+        self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
+        self.embeddings = np.load(bundle.file(m["embeddings"]["file"]), mmap_mode="r", allow_pickle=False)
+        self.text = m["text"]
+        self.decoder = bundle.graph("decoder")
+        self.kv_names = self.decoder["kv"]
+        self.mask_min = float(self.decoder["mask_min"])
+        self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
+        self.image_token_id = int(m["special_tokens"]["image_token_id"])
+        self.max_positions = int(self.text["max_positions"])
+
+    @classmethod
+    def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Pipeline":
+        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads)
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def prompt_text(self, num_images: int, prompt: str) -> str:
+        return render(self.bundle.manifest["chat_template"], user_turn(num_images, prompt))
+
+    def prepare(self, images, prompt: str) -> Prepared:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
+        pil_images = [im if hasattr(im, "getbands") else load_image(im) for im in images]
+        processed = [self.pre.image(im) for im in pil_images]
+        text = self.pre.expand_prompt(self.prompt_text(len(processed), prompt), processed)
+        add_special = bool(self.bundle.manifest["preprocessing"].get("add_special_tokens", True))
+        ids = np.array(self.tokenizer.encode(text, add_special_tokens=add_special).ids, dtype=np.int64)
+        if len(ids) >= self.max_positions:
+            raise InputError(
+                f"the prompt is {len(ids)} tokens (images included); the model's context is {self.max_positions}: "
+                f"shorten the prompt or use fewer/smaller images"
+            )
+        return Prepared(ids, [p.tiles for p in processed])
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embeddings[ids], dtype=np.float32)
+
+    def prompt_embeds(self, prep: Prepared) -> np.ndarray:
+        embeds = self.embed(prep.input_ids)  # [S,H]
+        if prep.tiles:
+            tiles = np.concatenate(prep.tiles, axis=0)
+            image_embeds = self.backend.run("vision", {"pixel_values": tiles})["image_embeds"]
+            flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+            slots = np.flatnonzero(prep.input_ids == self.image_token_id)
+            if len(slots) != len(flat):
+                raise InputError(f"{len(slots)} image tokens in the prompt but {len(flat)} image embeddings")
+            embeds[slots] = flat
+        return embeds[None]
+
+    # --- the target graph -------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache(self.text["num_layers"], self.text["kv_heads"], self.text["head_dim"], self.max_positions)
+
+    def forward(self, cache: KVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict:
+        """One decoder call over Q new positions; the caller commits K/V (all or an accepted subset)."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions[None].astype(np.int64)}
+        for i, (kn, vn) in enumerate(zip(self.kv_names["past_key"], self.kv_names["past_value"])):
+            feeds[kn], feeds[vn] = cache.past(i)
+        return self.backend.run("decoder", feeds)
+
+    def step(self, cache: KVCache, embeds: np.ndarray) -> dict:
+        """Causal call appending all Q positions to the cache."""
+        q = embeds.shape[1]
+        p = cache.length
+        out = self.forward(cache, embeds, causal_mask(q, p, self.mask_min), np.arange(p, p + q))
+        cache.append([out[n] for n in self.kv_names["present_key"]], [out[n] for n in self.kv_names["present_value"]])
+        return out
+
+    # --- generation -------------------------------------------------------------------------------
+    def generate(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+        result = None
+        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed):
+            pass
+        return result.final
+
+    def stream(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator["StreamEvent"]:
+        """Yield text pieces as they become printable; the last event carries the full result."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens {max_new_tokens}: expected at least 1")
+        cfg = SamplingConfig(temperature, top_p, seed)
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        prep = self.prepare(images, prompt)
+        res = GenerationResult(prompt_tokens=len(prep.input_ids))
+        cache = self.new_cache()
+        logits = self.step(cache, self.prompt_embeds(prep))["logits"][0, -1]
+        detok = _Detokenizer(self.tokenizer)
+        t_first = None
+        while True:
+            token = choose(logits, cfg, rng)
+            res.token_ids.append(token)
+            if t_first is None:
+                t_first = time.perf_counter()
+                res.ttft_ms = (t_first - t0) * 1000
+            piece = detok.push(token)
+            if token in self.stop_ids:
+                res.stop_reason = "stop_token"
+            elif len(res.token_ids) >= max_new_tokens:
+                res.stop_reason = "max_new_tokens"
+            elif cache.length >= self.max_positions:
+                res.stop_reason = "context_full"
+            if res.stop_reason:
+                res.decode_s = time.perf_counter() - t_first
+                res.text = detok.text(final=True)
+                tail = res.text[len(detok.emitted_text):]
+                yield StreamEvent(piece + tail, res)
+                return
+            if piece:
+                yield StreamEvent(piece, None)
+            logits = self.step(cache, self.embed(np.array([token]))[None])["logits"][0, -1]
+
+
+@dataclass
+class StreamEvent:
+    text: str
+    final: GenerationResult | None  # set on the last event only
+
+
+class _Detokenizer:
+    """Incremental decoding that never emits half a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted_text = ""
+
+    def text(self, final: bool = False) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd") or not text.startswith(self.emitted_text):
+            return ""
+        piece = text[len(self.emitted_text):]
+        self.emitted_text = text
+        return piece

@@ -1,0 +1,186 @@
+"""Images and prompts -> (input_ids, pixel tiles), reproducing the HF Idefics3 processor with numpy/pillow.
+
+Image files are read like transformers' ``load_image``-then-processor path: EXIF orientation applied,
+transparency composited onto white, everything else converted to RGB; then resized (LANCZOS on
+uint8, as the HF PIL backend does), split into tiles plus a global image, rescaled and normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+MAX_IMAGE_SIZE = 4096  # the HF processor's absolute cap on a resized side
+Image.MAX_IMAGE_PIXELS = None  # large photos are resized, not rejected (HF's load_image does the same)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def load_image(path) -> Image.Image:
+    """Open an image file fully (so truncation is caught here) and apply its EXIF orientation."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: image file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file; expected an image file (PNG, JPEG, ...)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file; expected an image (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            im.load()
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{path}: not an image file Pillow can read; expected PNG, JPEG, WebP, BMP, ...") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: image data is damaged or truncated ({exc})") from exc
+    return im
+
+
+def to_rgb_array(im: Image.Image) -> np.ndarray:
+    """HWC uint8 RGB: transparency is composited onto white (transformers' convert_to_rgb)."""
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(background, rgba).convert("RGB")
+    else:
+        rgb = im.convert("RGB")
+    return np.array(rgb)
+
+
+# --- Idefics3 geometry (the HF processor's size rules, integer for integer) ---------------------------
+
+def _rescale_to_max_len(h: int, w: int, max_len: int) -> tuple[int, int]:
+    aspect = w / h
+    if w >= h:
+        w = max_len
+        h = int(w / aspect)
+        if h % 2 != 0:
+            h += 1
+    else:
+        h = max_len
+        w = int(h * aspect)
+        if w % 2 != 0:
+            w += 1
+    return max(h, 1), max(w, 1)
+
+
+def _scale_below(h: int, w: int, max_len: int) -> tuple[int, int]:
+    aspect = w / h
+    if w >= h and w > max_len:
+        w = max_len
+        h = int(w / aspect)
+    elif h > w and h > max_len:
+        h = max_len
+        w = int(h * aspect)
+    return max(h, 1), max(w, 1)
+
+
+def _multiple_of_tile(h: int, w: int, tile: int) -> tuple[int, int]:
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = int(w / aspect)
+        h = math.ceil(h / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = int(h * aspect)
+        w = math.ceil(w / tile) * tile
+    return h, w
+
+
+def _resize(img: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
+    """HWC uint8 -> HWC uint8 through PIL, as transformers' PIL backend resizes."""
+    return np.array(Image.fromarray(img).resize((w, h), resample=resample))
+
+
+@dataclass
+class ProcessedImage:
+    tiles: np.ndarray   # [T,3,S,S] float32, row-major tiles then the global image
+    rows: int
+    cols: int
+
+
+class Idefics3Preprocessor:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.tile = int(cfg["max_image_size"])
+
+    def image(self, im: Image.Image) -> ProcessedImage:
+        c = self.cfg
+        arr = to_rgb_array(im) if c["do_convert_rgb"] else np.array(im)
+        resample = int(c["resample"])
+        if c["do_resize"]:
+            h, w = _rescale_to_max_len(*arr.shape[:2], c["size_longest_edge"])
+            h, w = _scale_below(h, w, MAX_IMAGE_SIZE)
+            arr = _resize(arr, h, w, resample)
+        tile = self.tile
+        frames, rows, cols = [], 0, 0
+        if c["do_image_splitting"]:
+            h, w = _multiple_of_tile(*arr.shape[:2], tile)
+            arr = _resize(arr, h, w, resample)
+            if h > tile or w > tile:
+                rows = (h - tile) // tile + 1
+                cols = (w - tile) // tile + 1
+                for r in range(rows):
+                    for col in range(cols):
+                        frames.append(arr[r * tile:(r + 1) * tile, col * tile:(col + 1) * tile])
+                frames.append(_resize(arr, tile, tile, resample))
+            else:
+                frames.append(arr)
+        else:
+            frames.append(_resize(arr, tile, tile, resample))
+        out = np.stack([self._normalize(f) for f in frames])
+        return ProcessedImage(out, rows, cols)
+
+    def _normalize(self, frame: np.ndarray) -> np.ndarray:
+        c = self.cfg
+        x = frame.transpose(2, 0, 1)  # CHW
+        if c["do_rescale"]:
+            x = (x.astype(np.float64) * c["rescale_factor"]).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if c["do_normalize"]:
+            mean = np.array(c["image_mean"], dtype=np.float32)
+            std = np.array(c["image_std"], dtype=np.float32)
+            x = ((x.T - mean) / std).T
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def image_text(self, img: ProcessedImage) -> str:
+        """The token string that stands for one image (HF Idefics3Processor.replace_image_token)."""
+        c = self.cfg
+        fake, tok, glob = c["fake_image_token"], c["image_token"], c["global_image_token"]
+        seq = tok * int(c["image_seq_len"])
+        if img.rows == 0 and img.cols == 0:
+            return f"{fake}{glob}{seq}{fake}"
+        text = ""
+        for r in range(img.rows):
+            for col in range(img.cols):
+                text += f"{fake}<row_{r + 1}_col_{col + 1}>{seq}"
+            text += "\n"
+        return text + f"\n{fake}{glob}{seq}{fake}"
+
+    def expand_prompt(self, prompt_text: str, images: list[ProcessedImage]) -> str:
+        token = self.cfg["image_token"]
+        parts = prompt_text.split(token)
+        if len(parts) - 1 != len(images):
+            raise InputError(
+                f"the prompt holds {len(parts) - 1} {token} placeholders but {len(images)} images were given"
+            )
+        out = parts[0]
+        for img, rest in zip(images, parts[1:]):
+            out += self.image_text(img) + rest
+        return out
+
+
+def make_preprocessor(cfg: dict):
+    kind = cfg.get("kind")
+    if kind == "idefics3":
+        return Idefics3Preprocessor(cfg)
+    raise InputError(f"manifest preprocessing.kind {kind!r} is not supported; expected one of: idefics3")

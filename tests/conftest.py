@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from dream_export.presets.tiny import TinyVLMSpec
+
+# Two tiny SmolVLM configs built offline: image splitting on (multi-head), and grouped-query attention
+# with splitting off and tied embeddings.
+CONFIGS = {
+    "split_mha": TinyVLMSpec(text_layers=3, heads=4, kv_heads=4, image_splitting=True, init_std=0.1, seed=1, max_positions=1024),
+    "gqa_nosplit": TinyVLMSpec(text_layers=3, heads=4, kv_heads=2, image_splitting=False, tie_embeddings=True,
+                               init_std=0.1, seed=2, max_positions=1024),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_store(tmp_path_factory):
+    os.environ["DREAM_EXPORT_HOME"] = str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    from helpers import write_images
+
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+class Zoo:
+    def __init__(self, root: Path):
+        self.root = root
+        self._built = {}
+
+    def get(self, name: str) -> tuple[Path, Path]:
+        """(model folder, bundle folder) for a named config, built and exported once per session."""
+        if name not in self._built:
+            from dream_export.export.exporter import ExportOptions, export_bundle, load_target
+            from dream_export.presets.tiny import build_tiny_vlm
+
+            model_dir = build_tiny_vlm(self.root / name / "model", CONFIGS[name])
+            model, processor = load_target(str(model_dir))
+            bundle = export_bundle(model, processor, {"model": name}, ExportOptions(out=self.root / name / "bundle"), quiet=True)
+            self._built[name] = (model_dir, bundle)
+        return self._built[name]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    return Zoo(tmp_path_factory.mktemp("zoo"))

@@ -1,0 +1,102 @@
+"""Shared test fixtures' machinery: tiny SmolVLMs built offline, images written to disk, HF references."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PROMPTS = [
+    "What color is the circle?",
+    "Describe the image.",
+    "How many shapes are there?",
+    "Is there a red square?",
+    "What is in this picture? Answer in one word.",
+]
+
+
+def _skimage(name):
+    from skimage import data
+
+    return getattr(data, name)()
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    """Real photos (scikit-image, matplotlib samples) and odd-but-valid images, as files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    def save(name, img, **kw):
+        path = folder / name
+        img.save(path, **kw)
+        out[path.stem] = path
+
+    save("astronaut.png", Image.fromarray(_skimage("astronaut")))
+    save("coffee.jpg", Image.fromarray(_skimage("coffee")), quality=90)
+    save("chelsea.png", Image.fromarray(_skimage("chelsea")))
+    save("rocket.jpg", Image.fromarray(_skimage("rocket")), quality=85)
+    save("camera_gray.png", Image.fromarray(_skimage("camera")))                     # mode L
+    import matplotlib.cbook as cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        save("grace_hopper.jpg", Image.open(f).copy(), quality=92)
+    rng = np.random.default_rng(0)
+    save("wide_strip.png", Image.fromarray(rng.integers(0, 255, (23, 900, 3), dtype=np.uint8)))   # 1:39
+    save("tall_strip.png", Image.fromarray(rng.integers(0, 255, (700, 9, 3), dtype=np.uint8)))    # 78:1
+    rgba = np.concatenate([_skimage("chelsea")[:200, :300], rng.integers(0, 255, (200, 300, 1), dtype=np.uint8)], -1)
+    save("rgba.png", Image.fromarray(rgba))
+    save("palette.png", Image.fromarray(_skimage("astronaut")).convert("P", palette=Image.Palette.ADAPTIVE, colors=32))
+    sixteen = (rng.integers(0, 65535, (120, 90), dtype=np.uint16))
+    save("gray16.png", Image.fromarray(sixteen))  # 16-bit PNG (mode I;16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW on display
+    save("exif_rotated.jpg", Image.fromarray(_skimage("astronaut")[:, 100:400]), exif=exif.tobytes(), quality=90)
+    save("one_pixel.png", Image.new("RGB", (1, 1), (200, 30, 60)))
+    save("huge.png", Image.new("RGB", (10000, 10000), (250, 250, 250)), compress_level=1)
+    return out
+
+
+# 20 image/prompt pairs: real photos, odd aspect ratios and odd modes, one two-image prompt
+PAIRS = [
+    (["astronaut"], 0), (["coffee"], 1), (["chelsea"], 2), (["rocket"], 3), (["camera_gray"], 4),
+    (["grace_hopper"], 1), (["wide_strip"], 0), (["tall_strip"], 2), (["rgba"], 3), (["palette"], 4),
+    (["gray16"], 0), (["exif_rotated"], 1), (["one_pixel"], 2), (["huge"], 3), (["astronaut", "coffee"], 1),
+    (["chelsea"], 0), (["grace_hopper"], 4), (["rocket"], 1), (["coffee"], 2), (["camera_gray", "rgba"], 0),
+]
+
+
+def open_for_hf(path: Path) -> Image.Image:
+    """What a transformers user passes the processor for a file: EXIF orientation applied."""
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model(model_dir: str):
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def hf_inputs(model_dir: str, paths: list[Path], prompt: str):
+    _, processor = hf_model(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=text, images=[[open_for_hf(p) for p in paths]], return_tensors="pt")
+
+
+def hf_generate(model_dir: str, paths: list[Path], prompt: str, max_new_tokens: int) -> list[int]:
+    import torch
+
+    model, _ = hf_model(model_dir)
+    enc = hf_inputs(model_dir, paths, prompt)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, enc["input_ids"].shape[1]:].tolist()

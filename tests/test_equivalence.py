@@ -1,0 +1,33 @@
+"""dream-run --json greedy token ids == transformers generate(do_sample=False), 20 pairs x 2 configs."""
+
+import json
+
+import pytest
+
+from helpers import PAIRS, PROMPTS, hf_generate
+from runtime import cli
+
+MAX_NEW = 24
+
+
+def run_cli_json(capsys, argv):
+    capsys.readouterr()
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out)
+
+
+@pytest.mark.parametrize("config", ["split_mha", "gqa_nosplit"])
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_greedy_tokens_equal_transformers(zoo, images, capsys, config, pair):
+    model_dir, bundle = zoo.get(config)
+    names, prompt_idx = PAIRS[pair]
+    paths = [images[n] for n in names]
+    prompt = PROMPTS[prompt_idx]
+    got = run_cli_json(capsys, [*map(str, paths), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW), "--json"])
+    want = hf_generate(str(model_dir), paths, prompt, MAX_NEW)
+    assert got["token_ids"] == want
+    assert got["num_new_tokens"] == len(want)
+    assert got["stop_reason"] in ("max_new_tokens", "stop_token")
+    assert set(got) >= {"text", "token_ids", "num_new_tokens", "stop_reason", "ttft_ms", "tokens_per_s"}
