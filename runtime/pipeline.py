@@ -162,7 +162,7 @@ class Pipeline:
                 res.stop_reason = "stop_token"
             elif len(res.token_ids) >= max_new_tokens:
                 res.stop_reason = "max_new_tokens"
-            elif cache.length >= self.max_positions:
+            elif cache.length + 1 >= self.max_positions:  # prompt + generated tokens fill the context
                 res.stop_reason = "context_full"
             if res.stop_reason:
                 res.decode_s = time.perf_counter() - t_first

@@ -31,11 +31,12 @@ def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     p = np.exp(z)
     p /= p.sum()
     if cfg.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = cum - p[order] < cfg.top_p  # smallest prefix whose mass reaches top_p (at least one token)
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
+        # transformers' TopPLogitsWarper rule: drop the low tail whose total mass is <= 1 - top_p
+        order = np.argsort(p, kind="stable")
+        drop = np.cumsum(p[order]) <= 1 - cfg.top_p
+        drop[-1] = False  # always keep the most likely token
+        mask = np.ones_like(p, dtype=bool)
+        mask[order[drop]] = False
         p = np.where(mask, p, 0.0)
         p /= p.sum()
     return p

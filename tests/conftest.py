@@ -47,3 +47,6 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     return Zoo(tmp_path_factory.mktemp("zoo"))
+
+CONFIGS["ctx_small"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=False, init_std=0.1, seed=3,
+                                   max_positions=96)

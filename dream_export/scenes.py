@@ -1,0 +1,153 @@
+"""Synthetic scenes: (image, prompt, answer) triples, deterministic by seed.
+
+Spec (issue 3): white background; 1-4 non-overlapping filled shapes from {circle, square, triangle},
+each one pure colour from {red, green, blue, yellow}, each 15-35% of the shorter image side; image
+sides 64-1024 px, any aspect ratio. Prompts and plain-English answers with a little varied wording.
+Used for the built-in model's training data, drafter training, calibration and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 220, 0)}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: float      # centre, pixels
+    cy: float
+    size: float    # side / diameter, pixels
+
+    def position(self, width: int, height: int) -> str:
+        """Rough position by thirds: 'top left', 'top', ..., 'center', ..., 'bottom right'."""
+        col = ("left", "", "right")[min(int(3 * self.cx / width), 2)]
+        row = ("top", "", "bottom")[min(int(3 * self.cy / height), 2)]
+        return (f"{row} {col}".strip()) or "center"
+
+
+@dataclass(frozen=True)
+class Scene:
+    width: int
+    height: int
+    shapes: tuple[Shape, ...]
+
+    def render(self) -> Image.Image:
+        img = Image.new("RGB", (self.width, self.height), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        for s in self.shapes:
+            r = s.size / 2
+            fill = COLORS[s.color]
+            if s.kind == "circle":
+                draw.ellipse([s.cx - r, s.cy - r, s.cx + r, s.cy + r], fill=fill)
+            elif s.kind == "square":
+                draw.rectangle([s.cx - r, s.cy - r, s.cx + r, s.cy + r], fill=fill)
+            else:  # upright equilateral-ish triangle inscribed in the size x size box
+                draw.polygon([(s.cx, s.cy - r), (s.cx - r, s.cy + r), (s.cx + r, s.cy + r)], fill=fill)
+        return img
+
+
+def random_scene(rng: np.random.Generator, min_side: int = 64, max_side: int = 1024, max_shapes: int = 4) -> Scene:
+    while True:
+        # sides: log-uniform so small and large images are equally common; any aspect ratio
+        w = int(round(math.exp(rng.uniform(math.log(min_side), math.log(max_side + 1)))))
+        h = int(round(math.exp(rng.uniform(math.log(min_side), math.log(max_side + 1)))))
+        w, h = min(max(w, min_side), max_side), min(max(h, min_side), max_side)
+        n = int(rng.integers(1, max_shapes + 1))
+        shapes: list[Shape] = []
+        short = min(w, h)
+        for _ in range(200):
+            if len(shapes) == n:
+                break
+            size = rng.uniform(0.15, 0.35) * short
+            cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
+            # bounding circles (radius = half diagonal) never touch: shapes cannot overlap
+            if all(math.hypot(cx - o.cx, cy - o.cy) > (size + o.size) / 2 * math.sqrt(2) + 2 for o in shapes):
+                shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), cx, cy, size))
+        if len(shapes) == n:
+            return Scene(w, h, tuple(shapes))
+
+
+def _count(n: int) -> str:
+    return NUMBER_WORDS[n]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """All question types for one scene as (type, prompt, answer); wording varies with rng."""
+    W, H, S = scene.width, scene.height, scene.shapes
+    pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
+    out = []
+    # caption
+    parts = [f"{_article(s.color)} {s.color} {s.kind} at the {s.position(W, H)}" for s in S]
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    n = len(S)
+    noun = "shape" if n == 1 else "shapes"
+    out.append(("caption", "Describe the image.",
+                pick([f"The image shows {listing}.", f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}: {listing}."])))
+    # count
+    out.append(("count", "How many shapes are there?",
+                pick([f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}.", f"I count {_count(n)} {noun}."])))
+    # colour count
+    color = pick(list(COLORS))
+    k = sum(s.color == color for s in S)
+    out.append(("color_count", f"How many {color} shapes are there?",
+                f"There are no {color} shapes." if k == 0 else
+                f"There {'is' if k == 1 else 'are'} {_count(k)} {color} {'shape' if k == 1 else 'shapes'}."))
+    # colour of a shape kind
+    kind = pick([s.kind for s in S] + list(SHAPES))
+    of_kind = [s for s in S if s.kind == kind]
+    if len(of_kind) == 1:
+        ans = pick([f"The {kind} is {of_kind[0].color}.", f"It is {of_kind[0].color}."])
+    elif not of_kind:
+        ans = f"There is no {kind} in the image."
+    else:
+        ans = f"There are {_count(len(of_kind))} {kind}s, so there is no single answer."
+    out.append(("color", f"What color is the {kind}?", ans))
+    # shape of a colour
+    color = pick([s.color for s in S] + list(COLORS))
+    of_color = [s for s in S if s.color == color]
+    if len(of_color) == 1:
+        ans = pick([f"The {color} shape is {_article(of_color[0].kind)} {of_color[0].kind}.", f"It is {_article(of_color[0].kind)} {of_color[0].kind}."])
+    elif not of_color:
+        ans = f"There is no {color} shape in the image."
+    else:
+        ans = f"There are {_count(len(of_color))} {color} shapes, so there is no single answer."
+    out.append(("shape", f"What shape is {color}?", ans))
+    # yes / no
+    color, kind = pick(list(COLORS)), pick(list(SHAPES))
+    if rng.random() < 0.5 and S:
+        s0 = S[int(rng.integers(len(S)))]
+        color, kind = s0.color, s0.kind
+    yes = any(s.color == color and s.kind == kind for s in S)
+    out.append(("yesno", f"Is there {_article(color)} {color} {kind}?",
+                f"Yes, there is {_article(color)} {color} {kind}." if yes else f"No, there is no {color} {kind}."))
+    # where
+    s0 = S[int(rng.integers(len(S)))]
+    same = [s for s in S if s.color == s0.color and s.kind == s0.kind]
+    if len(same) == 1:
+        ans = pick([f"The {s0.color} {s0.kind} is at the {s0.position(W, H)}.", f"It is at the {s0.position(W, H)}."])
+    else:
+        ans = f"There are {_count(len(same))} {s0.color} {s0.kind}s, at the " + " and the ".join(s.position(W, H) for s in same) + "."
+    out.append(("where", f"Where is the {s0.color} {s0.kind}?", ans))
+    return out
+
+
+def scene_examples(seed: int, count: int):
+    """Yield (scene, qtype, prompt, answer) for ``count`` scenes drawn from one seeded generator."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        scene = random_scene(rng)
+        for qtype, prompt, answer in qa_pairs(scene, rng):
+            yield scene, qtype, prompt, answer

@@ -1,0 +1,155 @@
+"""Bad input: one-line error naming what was wrong, non-zero exit, nothing half-written."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dream_export import cli as export_cli
+from runtime import cli
+
+
+def run(capsys, argv):
+    capsys.readouterr()
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, images):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.png").write_bytes(b"")
+    data = images["astronaut"].read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 3])
+    jpg = images["coffee"].read_bytes()
+    (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (d / "notes.png").write_text("this is not an image\n")
+    (d / "folder.png").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("missing.png", "not found"),
+    ("empty.png", "empty file"),
+    ("truncated.png", "damaged or truncated"),
+    ("truncated.jpg", "damaged or truncated"),
+    ("notes.png", "not an image"),
+    ("folder.png", "not a file"),
+])
+def test_bad_image_files(zoo, bad_files, capsys, name, needle):
+    _, bundle = zoo.get("gqa_nosplit")
+    rc, err = run(capsys, [str(bad_files / name), "Describe the image.", "--bundle", str(bundle)])
+    assert rc == 2
+    assert name in err and needle in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt(zoo, images, capsys, prompt):
+    _, bundle = zoo.get("gqa_nosplit")
+    rc, err = run(capsys, [str(images["coffee"]), prompt, "--bundle", str(bundle)])
+    assert rc == 2 and "prompt is empty" in err
+
+
+def test_prompt_longer_than_context(zoo, images, capsys):
+    _, bundle = zoo.get("ctx_small")
+    rc, err = run(capsys, [str(images["coffee"]), "word " * 200, "--bundle", str(bundle)])
+    assert rc == 2 and "context is 96" in err
+
+
+def test_bad_generation_arguments(zoo, images, capsys):
+    _, bundle = zoo.get("gqa_nosplit")
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle), "--top-p", "1.5"])
+    assert rc == 2 and "top_p" in err
+
+
+@pytest.fixture
+def bundle_copy(zoo, tmp_path):
+    _, bundle = zoo.get("gqa_nosplit")
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_bundle_missing_file(bundle_copy, images, capsys):
+    (bundle_copy / "decoder.onnx").unlink()
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and "decoder.onnx" in err and "missing" in err
+
+
+def test_bundle_altered_file(bundle_copy, images, capsys):
+    path = bundle_copy / "embed_tokens.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and "embed_tokens.npy" in err and "sha256" in err
+
+
+def test_bundle_unknown_format_version(bundle_copy, images, capsys):
+    mpath = bundle_copy / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["format_version"] = 99
+    mpath.write_text(json.dumps(manifest))
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and "format_version 99" in err
+
+
+def test_no_bundle_in_store(images, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DREAM_EXPORT_HOME", str(tmp_path / "empty-store"))
+    rc, err = run(capsys, [str(images["coffee"]), "hi"])
+    assert rc == 2 and "no bundle" in err
+
+
+def test_latest_bundle_is_used_and_named(zoo, images, capsys, monkeypatch, tmp_path):
+    _, bundle = zoo.get("gqa_nosplit")
+    store = tmp_path / "store"
+    shutil.copytree(bundle, store / "bundles" / "mine")
+    monkeypatch.setenv("DREAM_EXPORT_HOME", str(store))
+    capsys.readouterr()
+    assert cli.main([str(images["coffee"]), "hi", "--max-new-tokens", "3", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "using bundle" in out.err and "mine" in out.err
+    assert json.loads(out.out)["num_new_tokens"] == 3
+
+
+def test_export_refuses_existing_output_unless_force(zoo, tmp_path, capsys):
+    model_dir, _ = zoo.get("ctx_small")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = export_cli.main(["--model", str(model_dir), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert export_cli.main(["--model", str(model_dir), "--out", str(out), "--force", "--quiet"]) == 0
+    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+
+
+def test_export_unknown_model_without_network(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    rc = export_cli.main(["--model", "smolvlm", "--out", str(tmp_path / "b"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "HuggingFaceTB/SmolVLM-256M-Instruct" in err and "--model DIR" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_folder_without_config(tmp_path, capsys):
+    rc = export_cli.main(["--model", str(tmp_path), "--quiet"])
+    assert rc == 2 and "config.json" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(zoo, bad_files):
+    _, bundle = zoo.get("gqa_nosplit")
+    exe = Path(sys.executable).with_name("dream-run")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
+    proc = subprocess.run([*cmd, str(bad_files / "empty.png"), "hi", "--bundle", str(bundle)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("dream-run: error:") and "empty.png" in proc.stderr
