@@ -57,6 +57,7 @@ class TinyVLMSpec:
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
     seed: int = 0
+    vocab_size: int | None = None    # default: the tokenizer's size (larger = extra unused rows, for benchmarks)
     init_std: float = 0.02           # random-weight test models use larger values for peakier, varied logits
 
     @property
@@ -127,7 +128,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(), token
         ),
         text_config=dict(
             model_type="llama",
-            vocab_size=len(tokenizer),
+            vocab_size=spec.vocab_size or len(tokenizer),
             hidden_size=spec.hidden,
             intermediate_size=spec.intermediate,
             num_hidden_layers=spec.text_layers,
