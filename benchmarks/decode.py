@@ -39,11 +39,11 @@ def model_dir(name: str, work: Path) -> Path:
     return build_tiny_vlm(work / name, TinyVLMSpec(**SHAPES[name], seed=0))
 
 
-def bench_runtime(bundle: Path, ids: np.ndarray, tokens: int) -> float:
+def bench_runtime(bundle: Path, ids: np.ndarray, tokens: int, fused: bool) -> float:
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle)
-    cache = pipe.new_cache()
+    pipe = Pipeline.from_bundle(bundle, fused=fused)
+    cache = pipe.new_decoder()
     logits = pipe.step(cache, pipe.embed(ids)[None])["logits"][0, -1]
     token = int(np.argmax(logits))
     t0 = time.perf_counter()
@@ -130,7 +130,8 @@ def main(argv=None):
             del model
             ids = np.random.default_rng(0).integers(10, min(vocab, 800), args.prefix).astype(np.int64)
             res = {"model": name}
-            res["dream-run (ORT, fp32)"] = statistics.median(bench_runtime(bundle, ids, args.tokens) for _ in range(args.repeats))
+            res["dream-run, fused GQA graph"] = statistics.median(bench_runtime(bundle, ids, args.tokens, True) for _ in range(args.repeats))
+            res["dream-run, standard graph"] = statistics.median(bench_runtime(bundle, ids, args.tokens, False) for _ in range(args.repeats))
             res["transformers generate"] = statistics.median(bench_transformers(mdir, ids, args.tokens) for _ in range(args.repeats))
             try:
                 gdir = genai_model(mdir, work / name)

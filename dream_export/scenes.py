@@ -84,70 +84,92 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """All question types for one scene as (type, prompt, answer); wording varies with rng."""
+@dataclass(frozen=True)
+class QA:
+    qtype: str
+    prompt: str
+    answer: str                  # the wording used for training
+    accepted: tuple[str, ...]    # every wording counted as an exact answer
+
+
+def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    """One question of each type for the scene; the answer's wording varies with rng."""
     W, H, S = scene.width, scene.height, scene.shapes
+    out: list[QA] = []
+
+    def add(qtype, prompt, options):
+        out.append(QA(qtype, prompt, options[int(rng.integers(len(options)))], tuple(options)))
+
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
-    out = []
-    # caption
-    parts = [f"{_article(s.color)} {s.color} {s.kind} at the {s.position(W, H)}" for s in S]
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     n = len(S)
     noun = "shape" if n == 1 else "shapes"
-    out.append(("caption", "Describe the image.",
-                pick([f"The image shows {listing}.", f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}: {listing}."])))
-    # count
-    out.append(("count", "How many shapes are there?",
-                pick([f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}.", f"I count {_count(n)} {noun}."])))
-    # colour count
+    # caption: every shape with its colour and rough position
+    parts = [f"{_article(s.color)} {s.color} {s.kind} at the {s.position(W, H)}" for s in S]
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    add("caption", "Describe the image.",
+        [f"The image shows {listing}.", f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}: {listing}."])
+    add("count", "How many shapes are there?",
+        [f"There {'is' if n == 1 else 'are'} {_count(n)} {noun}.", f"I count {_count(n)} {noun}."])
     color = pick(list(COLORS))
     k = sum(s.color == color for s in S)
-    out.append(("color_count", f"How many {color} shapes are there?",
-                f"There are no {color} shapes." if k == 0 else
-                f"There {'is' if k == 1 else 'are'} {_count(k)} {color} {'shape' if k == 1 else 'shapes'}."))
-    # colour of a shape kind
+    add("color_count", f"How many {color} shapes are there?",
+        [f"There are no {color} shapes."] if k == 0 else
+        [f"There {'is' if k == 1 else 'are'} {_count(k)} {color} {'shape' if k == 1 else 'shapes'}."])
     kind = pick([s.kind for s in S] + list(SHAPES))
     of_kind = [s for s in S if s.kind == kind]
     if len(of_kind) == 1:
-        ans = pick([f"The {kind} is {of_kind[0].color}.", f"It is {of_kind[0].color}."])
+        options = [f"The {kind} is {of_kind[0].color}.", f"It is {of_kind[0].color}."]
     elif not of_kind:
-        ans = f"There is no {kind} in the image."
+        options = [f"There is no {kind} in the image."]
     else:
-        ans = f"There are {_count(len(of_kind))} {kind}s, so there is no single answer."
-    out.append(("color", f"What color is the {kind}?", ans))
-    # shape of a colour
+        options = [f"There are {_count(len(of_kind))} {kind}s, so there is no single answer."]
+    add("color", f"What color is the {kind}?", options)
     color = pick([s.color for s in S] + list(COLORS))
     of_color = [s for s in S if s.color == color]
     if len(of_color) == 1:
-        ans = pick([f"The {color} shape is {_article(of_color[0].kind)} {of_color[0].kind}.", f"It is {_article(of_color[0].kind)} {of_color[0].kind}."])
+        k0 = of_color[0].kind
+        options = [f"The {color} shape is {_article(k0)} {k0}.", f"It is {_article(k0)} {k0}."]
     elif not of_color:
-        ans = f"There is no {color} shape in the image."
+        options = [f"There is no {color} shape in the image."]
     else:
-        ans = f"There are {_count(len(of_color))} {color} shapes, so there is no single answer."
-    out.append(("shape", f"What shape is {color}?", ans))
-    # yes / no
+        options = [f"There are {_count(len(of_color))} {color} shapes, so there is no single answer."]
+    add("shape", f"What shape is {color}?", options)
     color, kind = pick(list(COLORS)), pick(list(SHAPES))
-    if rng.random() < 0.5 and S:
-        s0 = S[int(rng.integers(len(S)))]
+    if rng.random() < 0.5:
+        s0 = S[int(rng.integers(n))]
         color, kind = s0.color, s0.kind
     yes = any(s.color == color and s.kind == kind for s in S)
-    out.append(("yesno", f"Is there {_article(color)} {color} {kind}?",
-                f"Yes, there is {_article(color)} {color} {kind}." if yes else f"No, there is no {color} {kind}."))
-    # where
-    s0 = S[int(rng.integers(len(S)))]
+    add("yesno", f"Is there {_article(color)} {color} {kind}?",
+        [f"Yes, there is {_article(color)} {color} {kind}.", "Yes."] if yes else [f"No, there is no {color} {kind}.", "No."])
+    s0 = S[int(rng.integers(n))]
     same = [s for s in S if s.color == s0.color and s.kind == s0.kind]
     if len(same) == 1:
-        ans = pick([f"The {s0.color} {s0.kind} is at the {s0.position(W, H)}.", f"It is at the {s0.position(W, H)}."])
+        pos = s0.position(W, H)
+        options = [f"The {s0.color} {s0.kind} is at the {pos}.", f"It is at the {pos}."]
     else:
-        ans = f"There are {_count(len(same))} {s0.color} {s0.kind}s, at the " + " and the ".join(s.position(W, H) for s in same) + "."
-    out.append(("where", f"Where is the {s0.color} {s0.kind}?", ans))
+        options = [f"There are {_count(len(same))} {s0.color} {s0.kind}s, at the "
+                   + " and the ".join(s.position(W, H) for s in same) + "."]
+    add("where", f"Where is the {s0.color} {s0.kind}?", options)
     return out
 
 
+QUESTION_TYPES = ("caption", "count", "color_count", "color", "shape", "yesno", "where")
+
+
 def scene_examples(seed: int, count: int):
-    """Yield (scene, qtype, prompt, answer) for ``count`` scenes drawn from one seeded generator."""
+    """Yield (scene, QA) for ``count`` scenes drawn from one seeded generator."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
         scene = random_scene(rng)
-        for qtype, prompt, answer in qa_pairs(scene, rng):
-            yield scene, qtype, prompt, answer
+        for qa in qa_pairs(scene, rng):
+            yield scene, qa
+
+
+def caption_names_every_shape(scene: Scene, text: str) -> bool:
+    """True when the caption names each shape with its colour (as many times as it occurs)."""
+    low = text.lower()
+    for s in set((s.color, s.kind) for s in scene.shapes):
+        need = sum((o.color, o.kind) == s for o in scene.shapes)
+        if low.count(f"{s[0]} {s[1]}") < need:
+            return False
+    return True

@@ -14,7 +14,7 @@ from .backends import make_backend
 from .bundle import Bundle
 from .chat import render, user_turn
 from .errors import InputError
-from .kv import KVCache
+from .decoder import DecoderRunner, make_decoder
 from .preprocess import load_image, make_preprocessor
 from .sampling import SamplingConfig, choose
 from .tree import causal_mask
@@ -57,7 +57,7 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.backend = make_backend(bundle, backend, threads)
@@ -66,15 +66,17 @@ class Pipeline:
         self.embeddings = np.load(bundle.file(m["embeddings"]["file"]), mmap_mode="r", allow_pickle=False)
         self.text = m["text"]
         self.decoder = bundle.graph("decoder")
-        self.kv_names = self.decoder["kv"]
         self.mask_min = float(self.decoder["mask_min"])
         self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
+        self.fused = fused
 
     @classmethod
-    def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> "Pipeline":
-        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads)
+    def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
+                    fused: bool | None = None) -> "Pipeline":
+        """``fused=None`` picks the fused ORT-CPU decoder when the bundle has one and the backend is ORT on a CPU."""
+        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads, fused=fused)
 
     # --- inputs -----------------------------------------------------------------------------------
     def prompt_text(self, num_images: int, prompt: str) -> str:
@@ -111,22 +113,16 @@ class Pipeline:
         return embeds[None]
 
     # --- the target graph -------------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self.text["num_layers"], self.text["kv_heads"], self.text["head_dim"], self.max_positions)
+    def new_decoder(self, slack: int = 0) -> DecoderRunner:
+        """A decoder with a fresh cache for one sequence; ``slack`` extra rows hold a draft tree at the end."""
+        return make_decoder(self.backend, self.bundle, self.max_positions + slack, self.fused)
 
-    def forward(self, cache: KVCache, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict:
-        """One decoder call over Q new positions; the caller commits K/V (all or an accepted subset)."""
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions[None].astype(np.int64)}
-        for i, (kn, vn) in enumerate(zip(self.kv_names["past_key"], self.kv_names["past_value"])):
-            feeds[kn], feeds[vn] = cache.past(i)
-        return self.backend.run("decoder", feeds)
-
-    def step(self, cache: KVCache, embeds: np.ndarray) -> dict:
-        """Causal call appending all Q positions to the cache."""
+    def step(self, dec: DecoderRunner, embeds: np.ndarray) -> dict:
+        """Causal call over Q new positions, all kept."""
         q = embeds.shape[1]
-        p = cache.length
-        out = self.forward(cache, embeds, causal_mask(q, p, self.mask_min), np.arange(p, p + q))
-        cache.append([out[n] for n in self.kv_names["present_key"]], [out[n] for n in self.kv_names["present_value"]])
+        p = dec.length
+        out = dec.run(embeds, causal_mask(q, p, self.mask_min), np.arange(p, p + q))
+        dec.commit()
         return out
 
     # --- generation -------------------------------------------------------------------------------
@@ -147,7 +143,7 @@ class Pipeline:
         t0 = time.perf_counter()
         prep = self.prepare(images, prompt)
         res = GenerationResult(prompt_tokens=len(prep.input_ids))
-        cache = self.new_cache()
+        cache = self.new_decoder()
         logits = self.step(cache, self.prompt_embeds(prep))["logits"][0, -1]
         detok = _Detokenizer(self.tokenizer)
         t_first = None

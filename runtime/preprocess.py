@@ -115,7 +115,12 @@ class Idefics3Preprocessor:
     def image(self, im: Image.Image) -> ProcessedImage:
         c = self.cfg
         arr = to_rgb_array(im) if c["do_convert_rgb"] else np.array(im)
-        resample = int(c["resample"])
+        frames, rows, cols = self.frames(arr, int(c["resample"]))
+        return ProcessedImage(np.stack([self._normalize(f) for f in frames]), rows, cols)
+
+    def frames(self, arr: np.ndarray, resample: int) -> tuple[list[np.ndarray], int, int]:
+        """Resize and split an HWC array the way the HF processor does: (tiles row-major + global, rows, cols)."""
+        c = self.cfg
         if c["do_resize"]:
             h, w = _rescale_to_max_len(*arr.shape[:2], c["size_longest_edge"])
             h, w = _scale_below(h, w, MAX_IMAGE_SIZE)
@@ -136,8 +141,7 @@ class Idefics3Preprocessor:
                 frames.append(arr)
         else:
             frames.append(_resize(arr, tile, tile, resample))
-        out = np.stack([self._normalize(f) for f in frames])
-        return ProcessedImage(out, rows, cols)
+        return frames, rows, cols
 
     def _normalize(self, frame: np.ndarray) -> np.ndarray:
         c = self.cfg

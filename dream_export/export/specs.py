@@ -91,3 +91,23 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
             "mask_min": -1e4,
         },
     )
+
+
+def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+    """The ORT-CPU decoder: same names as ``decoder_spec``; past/present are shared max-length buffers."""
+    base = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
+
+    def buffer(t: TensorSpec) -> TensorSpec:
+        if t.name.startswith(("past_", "present_")):
+            return TensorSpec(t.name, t.dtype, (1, kv_heads, "max_len", head_dim))
+        return t
+
+    return GraphSpec(
+        name="decoder_ort_cpu",
+        file="decoder_ort_cpu.onnx",
+        inputs=tuple(buffer(t) for t in base.inputs),
+        outputs=tuple(buffer(t) for t in base.outputs),
+        atol=base.atol,
+        extra={**base.extra, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu",
+               "note": "past_key_i and present_key_i are one buffer bound through IOBinding; new rows land at [P, P+Q)"},
+    )

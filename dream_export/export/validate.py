@@ -104,3 +104,25 @@ def raise_on_mismatch(checks: list[Check]) -> None:
     if bad:
         lines = [f"  {c.graph}/{c.case}/{c.output}: max abs diff {c.max_abs_diff:.3g} > atol {c.atol:g}" for c in bad]
         raise ValidationError("exported graphs differ from PyTorch:\n" + "\n".join(lines))
+
+
+def validate_fused_decoder(reference, spec, path, seed: int = 0, slack: int = 5) -> list[Check]:
+    """The fused graph against the standard torch decoder: logits, hidden states, and the new K/V rows."""
+    sess = _session(path)
+    checks = []
+    names = [t.name for t in spec.inputs]
+    kv = spec.extra["kv"]
+    for case, feeds in decoder_cases(spec, seed):
+        with torch.no_grad():
+            ref = reference(*[torch.from_numpy(feeds[n]) for n in names])
+        q = feeds["inputs_embeds"].shape[1]
+        p = feeds[kv["past_key"][0]].shape[2]
+        buffered = dict(feeds)
+        for name in kv["past_key"] + kv["past_value"]:
+            buf = np.zeros((1, kv["kv_heads"], p + q + slack, kv["head_dim"]), np.float32)
+            buf[:, :, :p] = feeds[name]
+            buffered[name] = buf
+        outs = sess.run([t.name for t in spec.outputs], buffered)
+        outs = [o[:, :, p:p + q] if t.name.startswith("present_") else o for t, o in zip(spec.outputs, outs)]
+        checks += _compare(spec.name, case, spec, ref, outs)
+    return checks

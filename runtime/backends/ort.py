@@ -16,6 +16,10 @@ class OrtBackend(Backend):
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, ort.InferenceSession] = {}
 
+    @property
+    def cpu_only(self) -> bool:
+        return self.providers == ["CPUExecutionProvider"]
+
     def session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
             opts = ort.SessionOptions()

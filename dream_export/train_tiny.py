@@ -1,0 +1,445 @@
+"""Train the built-in ``smolvlm-tiny`` on synthetic scenes, on a CPU, resumably.
+
+    python -m dream_export.train_tiny --out artifacts/tiny-train            # from scratch (or resume)
+    python -m dream_export.train_tiny --out artifacts/tiny-train --ship     # copy the result into the package
+
+Two stages, each moved on by held-out accuracy, never by the clock:
+  A. vision: the SigLIP-style tower + connector learn the scene ground truth. Each image token predicts
+     what its cell holds (a choice over empty + 12 colour/shape classes; a per-cell choice, not
+     independent flags, so "all empty" is not a cheap optimum) and the global image predicts how many
+     shapes of each class there are. White maps near 0 (image_mean 0.9), but not to exactly 0, which
+     Idefics3 would treat as a padding image.
+  B. language: the tower + connector are frozen (their image tokens are cached per scene) and the text
+     model, embeddings and head learn the answers (loss on answer tokens only). Question types are
+     sampled in proportion to how often they are still answered wrongly on held-out scenes.
+Everything is seeded; checkpoints (safetensors weights, optimizer state, counters) are written every
+``--ckpt-every`` steps and a rerun with the same --out resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from runtime.preprocess import Idefics3Preprocessor
+
+from .presets.tiny import TinyVLMSpec, build_tiny_vlm
+from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, caption_names_every_shape, qa_pairs, random_scene
+
+NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 0 = empty
+TRAIN_SEED, HELDOUT_SEED = 1_000, 9_000_000    # evaluation seeds elsewhere start at 10_000_000
+
+
+# The built-in model's shape: 12 thin text layers (SmolVLM-256M has 30 of 576), hidden 128, GQA 4/2.
+TINY_SPEC = TinyVLMSpec(
+    text_layers=12, hidden=128, heads=4, kv_heads=2, intermediate=384, max_positions=1024,
+    vision_layers=4, vision_hidden=128, vision_heads=4, vision_intermediate=256,
+    tile=64, patch=8, scale_factor=2, image_splitting=True, longest_edge=128,
+    image_mean=(0.9, 0.9, 0.9), image_std=(0.45, 0.45, 0.45), seed=0,
+)
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    threads: int = 2
+    # stage A
+    a_batch_scenes: int = 24
+    a_lr: float = 2e-3
+    a_max_steps: int = 2500
+    a_target_cell_acc: float = 0.95      # on non-empty cells, held out
+    a_target_count_acc: float = 0.95
+    a_eval_every: int = 100
+    # stage B
+    b_pool_scenes: int = 6000
+    b_batch: int = 32
+    b_lr: float = 2e-3
+    b_warmup: int = 100
+    b_max_steps: int = 6000
+    b_eval_every: int = 250
+    b_eval_scenes: int = 30
+    b_target: float = 0.97               # mean held-out exact accuracy that ends stage B early
+    ckpt_every: int = 100
+    max_hours: float = 2.0
+
+
+# --- ground truth for stage A -------------------------------------------------------------------
+
+def class_index(color: str, kind: str) -> int:
+    return 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(kind)
+
+
+def label_map(scene: Scene) -> np.ndarray:
+    """[H,W] uint8 class map drawn with the renderer's geometry (no anti-aliasing)."""
+    img = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        r, v = s.size / 2, class_index(s.color, s.kind)
+        box = [s.cx - r, s.cy - r, s.cx + r, s.cy + r]
+        if s.kind == "circle":
+            draw.ellipse(box, fill=v)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=v)
+        else:
+            draw.polygon([(s.cx, s.cy - r), (s.cx - r, s.cy + r), (s.cx + r, s.cy + r)], fill=v)
+    return np.array(img)
+
+
+def cell_labels(frame: np.ndarray, grid: int, min_frac: float = 0.1) -> np.ndarray:
+    """[grid*grid] labels: the majority non-empty class of each cell when it covers >= min_frac of it."""
+    h = frame.shape[0] // grid
+    out = np.zeros(grid * grid, dtype=np.int64)
+    for r in range(grid):
+        for c in range(grid):
+            cell = frame[r * h:(r + 1) * h, c * h:(c + 1) * h].ravel()
+            counts = np.bincount(cell, minlength=NUM_CLASSES)
+            counts[0] = 0
+            if counts.max() >= min_frac * cell.size:
+                out[r * grid + c] = int(counts.argmax())
+    return out
+
+
+def class_counts(scene: Scene) -> np.ndarray:
+    counts = np.zeros(NUM_CLASSES - 1, dtype=np.int64)
+    for s in scene.shapes:
+        counts[class_index(s.color, s.kind) - 1] += 1
+    return counts
+
+
+def vision_example(scene: Scene, pre: Idefics3Preprocessor, grid: int):
+    frames, _, _ = pre.frames(np.array(scene.render()), int(pre.cfg["resample"]))
+    labels, _, _ = pre.frames(label_map(scene)[..., None].repeat(3, -1), Image.NEAREST)
+    tiles = np.stack([pre._normalize(f) for f in frames])
+    cells = np.stack([cell_labels(lab[..., 0], grid) for lab in labels])
+    return tiles, cells, class_counts(scene)
+
+
+class VisionProbe(torch.nn.Module):
+    """Heads on the connector's image tokens, used only while pretraining the tower."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cell = torch.nn.Linear(hidden, NUM_CLASSES)
+        self.count = torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+                                         torch.nn.Linear(hidden, (NUM_CLASSES - 1) * 5))
+
+    def forward(self, tokens, global_index):
+        cells = self.cell(tokens)                                   # [T, g*g, 13]
+        pooled = tokens[global_index].mean(1)                       # [B, H]
+        counts = self.count(pooled).view(-1, NUM_CLASSES - 1, 5)    # [B, 12, 0..4]
+        return cells, counts
+
+
+def vision_tokens(model, tiles: torch.Tensor) -> torch.Tensor:
+    return model.model.get_image_features(pixel_values=tiles[None]).pooler_output[0].view(tiles.shape[0], -1, model.config.text_config.hidden_size)
+
+
+# --- stage B data ----------------------------------------------------------------------------------
+
+class ScenePool:
+    """Scenes with their frozen image tokens cached, plus the tokenized prompt pieces."""
+
+    def __init__(self, model, processor, pre, seed: int, count: int, desc: str):
+        from rich.progress import track
+
+        rng = np.random.default_rng(seed)
+        self.items = []
+        self.tok = processor.tokenizer
+        self.template = processor.chat_template
+        self.pre = pre
+        model.eval()
+        for _ in track(range(count), description=desc, transient=True):
+            scene = random_scene(rng)
+            img = pre.image(scene.render())
+            with torch.no_grad():
+                emb = vision_tokens(model, torch.from_numpy(img.tiles)).reshape(-1, model.config.text_config.hidden_size)
+            self.items.append((scene, pre.image_text(img), emb.to(torch.float32), qa_pairs(scene, rng)))
+
+    def prompt_ids(self, image_text: str, prompt: str) -> list[int]:
+        from runtime.chat import render, user_turn
+
+        text = render(self.template, user_turn(1, prompt)).replace(self.pre.cfg["image_token"], image_text, 1)
+        return self.tok(text, add_special_tokens=True)["input_ids"]
+
+    def example(self, i: int, qtype: str, eou: int):
+        scene, image_text, emb, qas = self.items[i]
+        qa = next(q for q in qas if q.qtype == qtype)
+        p = self.prompt_ids(image_text, qa.prompt)
+        a = self.tok(" " + qa.answer, add_special_tokens=False)["input_ids"] + [eou]
+        return p, a, emb
+
+
+def batch_embeds(model, examples, image_token_id: int):
+    """Right-padded inputs_embeds, attention mask and labels (-100 outside the answers)."""
+    embed = model.model.text_model.embed_tokens
+    L = max(len(p) + len(a) for p, a, _ in examples)
+    H = embed.weight.shape[1]
+    x = torch.zeros(len(examples), L, H)
+    mask = torch.zeros(len(examples), L, dtype=torch.long)
+    labels = torch.full((len(examples), L), -100, dtype=torch.long)
+    for b, (p, a, emb) in enumerate(examples):
+        ids = torch.tensor(p + a)
+        e = embed(ids)
+        slots = (ids == image_token_id).nonzero().squeeze(1)
+        e = e.index_put((slots,), emb)
+        x[b, : len(ids)] = e
+        mask[b, : len(ids)] = 1
+        labels[b, len(p) - 1: len(ids) - 1] = torch.tensor(a)  # position t predicts token t+1
+    return x, mask, labels
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+def grade(qa, scene, text: str) -> bool:
+    text = text.strip()
+    if qa.qtype == "caption":
+        return caption_names_every_shape(scene, text)
+    return text in qa.accepted
+
+
+@torch.no_grad()
+def evaluate_torch(model, processor, seed: int, scenes: int, max_new_tokens: int = 48) -> dict:
+    """Greedy exact-answer accuracy per question type, through transformers' generate."""
+    from .scenes import scene_examples
+
+    model.eval()
+    hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
+    for scene, qa in scene_examples(seed, scenes):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa.prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        enc = processor(text=text, images=[[scene.render()]], return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits[qa.qtype].append(grade(qa, scene, answer))
+    return {t: float(np.mean(v)) for t, v in hits.items() if v}
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def save_ckpt(out: Path, model, probe, opt, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = out / "ckpt.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if probe is not None:
+        save_file(probe.state_dict(), tmp / "probe.safetensors")
+    if opt is not None:
+        torch.save(opt.state_dict(), tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = out / "ckpt"
+    if final.exists():
+        shutil.rmtree(out / "ckpt.old", ignore_errors=True)
+        os.replace(final, out / "ckpt.old")
+    os.replace(tmp, final)
+    shutil.rmtree(out / "ckpt.old", ignore_errors=True)
+
+
+def load_ckpt(out: Path, model, probe):
+    from safetensors.torch import load_file
+
+    ck = out / "ckpt"
+    if not (ck / "state.json").is_file():
+        return None, None
+    model.load_state_dict(load_file(ck / "model.safetensors"), strict=True)
+    if probe is not None and (ck / "probe.safetensors").exists():
+        probe.load_state_dict(load_file(ck / "probe.safetensors"), strict=True)
+    optim = torch.load(ck / "optim.pt", weights_only=True) if (ck / "optim.pt").exists() else None
+    return json.loads((ck / "state.json").read_text()), optim
+
+
+# --- the stages --------------------------------------------------------------------------------------
+
+def log(out: Path, record: dict) -> None:
+    record = {"time": time.strftime("%H:%M:%S"), **record}
+    print(json.dumps(record), flush=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def stage_a(cfg: TrainConfig, model, pre, out: Path, state: dict, probe, optim_state, deadline: float):
+    grid = TINY_SPEC.tile // TINY_SPEC.patch // TINY_SPEC.scale_factor
+    params = list(model.model.vision_model.parameters()) + list(model.model.connector.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.a_lr, weight_decay=0.01)
+    if optim_state and state.get("stage") == "A":
+        opt.load_state_dict(optim_state)
+    rng = np.random.default_rng(TRAIN_SEED + state["a_step"])
+    held = [vision_example(random_scene(np.random.default_rng(HELDOUT_SEED + i)), pre, grid) for i in range(64)]
+    weights = torch.ones(NUM_CLASSES)
+    weights[0] = 0.2  # most cells are empty: weight the positives up
+    while state["a_step"] < cfg.a_max_steps and time.time() < deadline:
+        model.train()
+        ex = [vision_example(random_scene(rng), pre, grid) for _ in range(cfg.a_batch_scenes)]
+        loss = _vision_loss(model, probe, ex, weights)[0]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["a_step"] += 1
+        if state["a_step"] % cfg.a_eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                _, cell_acc, count_acc = _vision_loss(model, probe, held, weights)
+            log(out, {"stage": "A", "step": state["a_step"], "loss": round(loss.item(), 4),
+                      "cell_acc": round(cell_acc, 4), "count_acc": round(count_acc, 4)})
+            state["a_metrics"] = {"cell_acc": cell_acc, "count_acc": count_acc}
+            if cell_acc >= cfg.a_target_cell_acc and count_acc >= cfg.a_target_count_acc:
+                break
+        if state["a_step"] % cfg.ckpt_every == 0:
+            save_ckpt(out, model, probe, opt, state)
+    state["stage"] = "B"
+    save_ckpt(out, model, probe, None, state)
+
+
+def _vision_loss(model, probe, examples, weights):
+    tiles = torch.from_numpy(np.concatenate([t for t, _, _ in examples]))
+    cells = torch.from_numpy(np.concatenate([c for _, c, _ in examples]))
+    counts = torch.from_numpy(np.stack([n for _, _, n in examples]))
+    global_index = torch.tensor(np.cumsum([len(t) for t, _, _ in examples]) - 1)
+    tokens = vision_tokens(model, tiles)
+    cell_logits, count_logits = probe(tokens, global_index)
+    loss = F.cross_entropy(cell_logits.reshape(-1, NUM_CLASSES), cells.reshape(-1), weight=weights)
+    loss = loss + 0.5 * F.cross_entropy(count_logits.reshape(-1, 5), counts.clamp(max=4).reshape(-1))
+    pos = cells > 0
+    cell_acc = (cell_logits.argmax(-1)[pos] == cells[pos]).float().mean().item()
+    count_acc = (count_logits.argmax(-1) == counts).all(-1).float().mean().item()
+    return loss, cell_acc, count_acc
+
+
+def stage_b(cfg: TrainConfig, model, processor, pre, out: Path, state: dict, optim_state, deadline: float):
+    for p in list(model.model.vision_model.parameters()) + list(model.model.connector.parameters()):
+        p.requires_grad_(False)
+    pool = ScenePool(model, processor, pre, TRAIN_SEED + 7, cfg.b_pool_scenes, "caching image tokens")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.b_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    if optim_state and state.get("stage") == "B" and state["b_step"] > 0:
+        opt.load_state_dict(optim_state)
+    sched = lambda s: min(1.0, (s + 1) / cfg.b_warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.b_max_steps) / cfg.b_max_steps)))  # noqa: E731
+    eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    image_token_id = model.config.image_token_id
+    rng = np.random.default_rng(TRAIN_SEED + 11 + state["b_step"])
+    acc = state.get("b_acc") or {t: 0.0 for t in QUESTION_TYPES}
+    while state["b_step"] < cfg.b_max_steps and time.time() < deadline:
+        model.train()
+        need = np.array([1.0 - acc.get(t, 0.0) + 0.15 for t in QUESTION_TYPES])
+        types = rng.choice(len(QUESTION_TYPES), size=cfg.b_batch, p=need / need.sum())
+        idx = rng.integers(len(pool.items), size=cfg.b_batch)
+        examples = [pool.example(int(i), QUESTION_TYPES[int(t)], eou) for i, t in zip(idx, types)]
+        x, mask, labels = batch_embeds(model, examples, image_token_id)
+        hidden = model.model.text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        for g in opt.param_groups:
+            g["lr"] = cfg.b_lr * sched(state["b_step"])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["b_step"] += 1
+        if state["b_step"] % 25 == 0:
+            log(out, {"stage": "B", "step": state["b_step"], "loss": round(loss.item(), 4)})
+        if state["b_step"] % cfg.b_eval_every == 0:
+            acc = evaluate_torch(model, processor, HELDOUT_SEED, cfg.b_eval_scenes)
+            state["b_acc"] = acc
+            log(out, {"stage": "B", "step": state["b_step"], "heldout_acc": {k: round(v, 3) for k, v in acc.items()}})
+            if np.mean(list(acc.values())) >= cfg.b_target:
+                save_ckpt(out, model, None, opt, state)
+                break
+        if state["b_step"] % cfg.ckpt_every == 0:
+            save_ckpt(out, model, None, opt, state)
+    state["stage"] = "done"
+    save_ckpt(out, model, None, None, state)
+
+
+def train(cfg: TrainConfig) -> Path:
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init = out / "init"
+    if not (init / "config.json").exists():
+        build_tiny_vlm(init, TINY_SPEC)
+    model = Idefics3ForConditionalGeneration.from_pretrained(init).float()
+    processor = AutoProcessor.from_pretrained(init)
+    pre = Idefics3Preprocessor(_pre_cfg(processor))
+    probe = VisionProbe(TINY_SPEC.hidden)
+    state, optim_state = load_ckpt(out, model, probe)
+    state = state or {"stage": "A", "a_step": 0, "b_step": 0, "elapsed_s": 0.0, "config": asdict(cfg)}
+    started = time.time() - state["elapsed_s"]
+    deadline = started + cfg.max_hours * 3600
+    log(out, {"event": "start", "stage": state["stage"], "a_step": state["a_step"], "b_step": state["b_step"]})
+
+    def tick():
+        state["elapsed_s"] = time.time() - started
+
+    if state["stage"] == "A":
+        stage_a(cfg, model, pre, out, state, probe, optim_state, deadline)
+        tick()
+        optim_state = None
+    if state["stage"] == "B":
+        stage_b(cfg, model, processor, pre, out, state, optim_state, deadline)
+        tick()
+    final = out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    (final / "training.json").write_text(json.dumps({"state": state, "spec": asdict(TINY_SPEC)}, indent=1))
+    log(out, {"event": "done", "elapsed_min": round(state["elapsed_s"] / 60, 1), "final": str(final)})
+    return final
+
+
+def _pre_cfg(processor) -> dict:
+    ip = processor.image_processor
+    return {
+        "kind": "idefics3", "do_convert_rgb": True, "do_resize": True, "size_longest_edge": ip.size["longest_edge"],
+        "resample": int(ip.resample), "do_image_splitting": ip.do_image_splitting,
+        "max_image_size": ip.max_image_size["longest_edge"], "do_rescale": True, "rescale_factor": ip.rescale_factor,
+        "do_normalize": True, "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+        "image_seq_len": processor.image_seq_len, "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+    }
+
+
+def ship(final: Path) -> Path:
+    """Copy the trained model into the package, where ``smolvlm-tiny`` finds it."""
+    from .presets.smolvlm_tiny import SHIPPED
+
+    tmp = SHIPPED.with_name(SHIPPED.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final, tmp)
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    os.replace(tmp, SHIPPED)
+    return SHIPPED
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="artifacts/tiny-train")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-hours", type=float, default=2.0)
+    ap.add_argument("--b-max-steps", type=int, default=TrainConfig.b_max_steps)
+    ap.add_argument("--ship", action="store_true", help="copy out/final into dream_export/presets/smolvlm_tiny")
+    args = ap.parse_args(argv)
+    if args.ship:
+        print(f"shipped to {ship(Path(args.out) / 'final')}")
+        return
+    cfg = TrainConfig(out=args.out, threads=args.threads, max_hours=args.max_hours, b_max_steps=args.b_max_steps)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Running the target decoder over a runtime-owned KV cache.
+
+Two runners, one contract: ``run`` computes Q new positions (their K/V are held, not yet part of the
+context), ``commit`` keeps all of them or an ordered subset (an accepted draft path), ``truncate``
+rolls back by length.
+- PlainDecoder: the standard-op graph (what TensorRT gets); K/V come back as outputs and are copied
+  into a preallocated cache.
+- FusedOrtDecoder: the ORT-CPU graph with GroupQueryAttention; one preallocated buffer per layer is
+  bound through IOBinding as both past and present, so ORT writes new rows in place and a step copies
+  nothing. Accepting a subset moves the accepted rows down (they were rotated at their final positions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kv import KVCache
+
+
+class DecoderRunner:
+    length: int
+    capacity: int
+
+    def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def commit(self, rows=None) -> None:
+        raise NotImplementedError
+
+    def truncate(self, length: int) -> None:
+        raise NotImplementedError
+
+
+class PlainDecoder(DecoderRunner):
+    def __init__(self, backend, graph: dict, text: dict, capacity: int):
+        self.backend = backend
+        self.names = graph["kv"]
+        self.cache = KVCache(text["num_layers"], text["kv_heads"], text["head_dim"], capacity)
+        self.capacity = capacity
+        self._pending = None
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def run(self, embeds, mask, positions):
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions[None].astype(np.int64)}
+        for i, (kn, vn) in enumerate(zip(self.names["past_key"], self.names["past_value"])):
+            feeds[kn], feeds[vn] = self.cache.past(i)
+        out = self.backend.run("decoder", feeds)
+        self._pending = ([out[n] for n in self.names["present_key"]], [out[n] for n in self.names["present_value"]])
+        return out
+
+    def commit(self, rows=None):
+        keys, values = self._pending
+        self.cache.append(keys, values, rows)
+        self._pending = None
+
+    def truncate(self, length):
+        self.cache.truncate(length)
+
+
+class FusedOrtDecoder(DecoderRunner):
+    GRAPH = "decoder_ort_cpu"
+
+    def __init__(self, backend, graph: dict, text: dict, capacity: int):
+        import onnxruntime as ort
+
+        self.names = graph["kv"]
+        self.session = backend.session(self.GRAPH)
+        shape = (1, text["kv_heads"], capacity, text["head_dim"])
+        # keys[i] / values[i]: [1, kv_heads, capacity, head_dim]; rows >= length are scratch
+        self.keys = [np.zeros(shape, np.float32) for _ in range(text["num_layers"])]
+        self.values = [np.zeros(shape, np.float32) for _ in range(text["num_layers"])]
+        self.capacity = capacity
+        self.length = 0
+        self._pending_q = 0
+        self.io = self.session.io_binding()
+        self._outputs = [t["name"] for t in graph["outputs"] if not t["name"].startswith("present_")]
+        self._kv_values = []
+        for i in range(text["num_layers"]):
+            k = ort.OrtValue.ortvalue_from_numpy(self.keys[i])
+            v = ort.OrtValue.ortvalue_from_numpy(self.values[i])
+            self.io.bind_ortvalue_input(self.names["past_key"][i], k)
+            self.io.bind_ortvalue_input(self.names["past_value"][i], v)
+            self._kv_values.append((k, v))
+
+    def _bind_outputs(self) -> None:
+        """The K/V buffers as outputs (in place), logits/hidden freshly allocated (their Q changes per call)."""
+        self.io.clear_binding_outputs()
+        for i, (k, v) in enumerate(self._kv_values):
+            self.io.bind_ortvalue_output(self.names["present_key"][i], k)
+            self.io.bind_ortvalue_output(self.names["present_value"][i], v)
+        for name in self._outputs:
+            self.io.bind_output(name)
+
+    def run(self, embeds, mask, positions):
+        q = embeds.shape[1]
+        if self.length + q > self.capacity:
+            raise ValueError(f"KV buffer full: {self.length} + {q} > capacity {self.capacity}")
+        if mask.shape[-1] != self.length + q:
+            raise ValueError(f"mask width {mask.shape[-1]} != context {self.length} + {q}")
+        self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
+        self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.float32))
+        self.io.bind_cpu_input("position_ids", np.ascontiguousarray(positions[None], dtype=np.int64))
+        self._bind_outputs()
+        self.session.run_with_iobinding(self.io)
+        outs = self.io.get_outputs()
+        # bound outputs come back in binding order: the K/V buffers first, then logits, hidden_states
+        tail = outs[len(outs) - len(self._outputs):]
+        self._pending_q = q
+        return {name: o.numpy() for name, o in zip(self._outputs, tail)}
+
+    def commit(self, rows=None):
+        p = self.length
+        if rows is None:
+            self.length += self._pending_q
+        else:
+            for j, r in enumerate(rows):  # rows ascend, so r >= j: moving in order never clobbers a source
+                if r != j:
+                    for buf in self.keys + self.values:
+                        buf[:, :, p + j] = buf[:, :, p + r]
+            self.length += len(rows)
+        self._pending_q = 0
+
+    def truncate(self, length):
+        self.length = min(self.length, length)
+
+
+def make_decoder(backend, bundle, capacity: int, fused: bool | None = None) -> DecoderRunner:
+    graphs = bundle.manifest["graphs"]
+    text = bundle.manifest["text"]
+    can_fuse = FusedOrtDecoder.GRAPH in graphs and getattr(backend, "name", "") == "onnxruntime" and backend.cpu_only
+    if fused is None:
+        fused = can_fuse
+    if fused and not can_fuse:
+        from .errors import BundleError
+
+        raise BundleError("the fused ORT-CPU decoder was asked for, but the bundle has no decoder_ort_cpu graph "
+                          "or the backend is not ONNX Runtime on the CPU")
+    if fused:
+        return FusedOrtDecoder(backend, graphs[FusedOrtDecoder.GRAPH], text, capacity)
+    return PlainDecoder(backend, graphs["decoder"], text, capacity)
