@@ -13,8 +13,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="bundle folder (default: $DREAM_EXPORT_HOME/bundles/<name>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
+    d = p.add_argument_group("DREAM drafter")
+    d.add_argument("--drafter", type=Path, help="drafter folder written by dream-train (adds speculative decoding)")
+    d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
+    d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _tree(text: str):
+    from runtime.tree import TreeSpec
+
+    try:
+        n, d, k = (int(x) for x in text.split(","))
+        return TreeSpec(n, d, k)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--tree {text!r}: expected three positive integers N,D,K such as 32,6,4") from exc
 
 
 def main(argv=None) -> int:
@@ -33,7 +47,8 @@ def main(argv=None) -> int:
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
-        export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed), quiet=args.quiet)
+        export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=args.drafter,
+                                                                   tree=args.tree, keep_visual=args.keep_visual), quiet=args.quiet)
     except DreamExportError as exc:
         print(f"dream-export: error: {exc}", file=sys.stderr)
         return 2

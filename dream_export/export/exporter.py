@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+from runtime.tree import TreeSpec
 
 from .. import __version__
 from ..errors import DreamExportError
@@ -31,6 +32,9 @@ class ExportOptions:
     force: bool = False
     seed: int = 0
     fused_cpu_graph: bool = True   # also write decoder_ort_cpu.onnx (Llama-style text models)
+    drafter: Path | None = None    # a DREAM drafter folder (dream-train output) to add
+    tree: "TreeSpec | None" = None
+    keep_visual: float | None = None  # override the drafter config's visual token compression
 
 
 class _Stages:
@@ -123,6 +127,11 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 export_graph(fused, f_spec, args, tmp / f_spec.file)
             with stages.stage("check decoder_ort_cpu.onnx against the PyTorch decoder"):
                 checks += validate_fused_decoder(decoder, f_spec, tmp / f_spec.file, opts.seed)
+        drafter_info = None
+        if opts.drafter is not None:
+            drafter_info, dr_spec, dr_checks = _export_drafter(adapter, opts, tmp, stages)
+            checks += dr_checks
+            graphs["drafter"] = {**dr_spec.to_json(), **op_inventory(tmp / dr_spec.file)}
         _print_checks(stages, checks)
         raise_on_mismatch(checks)
         for spec in (v_spec, d_spec, f_spec):
@@ -161,8 +170,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 "preprocessing": pre,
                 "chat_template": adapter.chat_template(),
                 "special_tokens": {"stop_token_ids": adapter.stop_token_ids(), "image_token_id": adapter.image_token_id},
-                "tree": None,
-                "drafter": None,
+                "tree": (opts.tree or TreeSpec()).to_json() if drafter_info else None,
+                "drafter": drafter_info,
                 "validation": [c_.__dict__ for c_ in checks],
             }
             manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -178,6 +187,39 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
+    from dataclasses import asdict
+
+    from ..drafter.model import DreamDrafter
+    from .drafter_export import DrafterGraph, drafter_dummy, validate_drafter
+    from .specs import drafter_spec
+
+    drafter = DreamDrafter.load(opts.drafter, adapter.lm_head().weight)
+    cfg = drafter.config
+    if cfg.hidden_size != adapter.text_config.hidden_size or cfg.vocab_size != adapter.lm_head().weight.shape[0]:
+        raise DreamExportError(
+            f"{opts.drafter}: drafter hidden {cfg.hidden_size} / vocab {cfg.vocab_size} do not match the target's "
+            f"{adapter.text_config.hidden_size} / {adapter.lm_head().weight.shape[0]}"
+        )
+    tree = opts.tree or TreeSpec()
+    spec = drafter_spec(cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.draft_vocab_size, tree.to_json())
+    graph = DrafterGraph(drafter).eval()
+    with stages.stage("DREAM drafter → drafter.onnx"):
+        export_graph(graph, spec, drafter_dummy(cfg), tmp / spec.file)
+    with stages.stage("check drafter.onnx against PyTorch (catch-up, step, tree level)"):
+        checks = validate_drafter(graph, cfg, spec, tmp / spec.file, opts.seed)
+    if cfg.draft_vocab:
+        np.save(tmp / "draft_to_target.npy", np.asarray(cfg.draft_vocab, dtype=np.int64))
+    info = {
+        "graph": "drafter",
+        "config": asdict(cfg),
+        "keep_visual": float(opts.keep_visual if opts.keep_visual is not None else cfg.keep_visual),
+        "draft_to_target": "draft_to_target.npy" if cfg.draft_vocab else None,
+        "source": str(opts.drafter),
+    }
+    return info, spec, checks
 
 
 def _decoder_dummy(spec, past_len: int, q_len: int, capacity: int | None = None) -> tuple:

@@ -92,7 +92,16 @@ class FusedDecoderGraph(nn.Module):
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [pk, pv]
+        received = _attention_received(q, pk, attention_mask, heads // kv_heads, float(attn.scaling))
         hidden = self.norm(hidden)
-        return (self.lm_head(hidden), hidden, *presents)
+        return (self.lm_head(hidden), hidden, received, *presents)
+
+
+def _attention_received(q, present_k, bias, groups: int, scale: float):
+    """Last layer: mean over heads and queries of the attention each of the P+Q positions receives."""
+    t = bias.shape[-1]
+    keys = present_k[:, :, :t].repeat_interleave(groups, dim=1)
+    probs = torch.softmax(q @ keys.transpose(-1, -2) * scale + bias, dim=-1)
+    return probs.mean(dim=(1, 2))
 
 

@@ -36,7 +36,8 @@ class _PlainKV:
 
 class DecoderGraph(nn.Module):
     """inputs_embeds [1,Q,H], attention_mask [1,1,Q,P+Q] (additive), position_ids [1,Q], past K/V [1,kvh,P,hd]
-    -> logits [1,Q,V], hidden_states [1,Q,H] (final-normed), new K/V [1,kvh,Q,hd] per layer."""
+    -> logits [1,Q,V], hidden_states [1,Q,H] (final-normed), attention_received [1,P+Q] (last layer, mean over
+    heads and queries: visual token compression scores), new K/V [1,kvh,Q,hd] per layer."""
 
     def __init__(self, adapter):
         super().__init__()
@@ -50,6 +51,21 @@ class DecoderGraph(nn.Module):
         cache = _PlainKV(past[0::2][:n], past[1::2][:n])
         hidden = inputs_embeds
         position_embeddings = self.rotary(hidden, position_ids)
+        seen = {}
+        hook = self.layers[-1].self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("w", out[1]) or None)
+        try:
+            hidden = self._layers(hidden, attention_mask, position_ids, cache, position_embeddings)
+        finally:
+            hook.remove()
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden)
+        received = seen["w"].mean(dim=(1, 2))  # [1,P+Q]: last-layer attention each position receives
+        presents = []
+        for k, v in zip(cache.new_keys, cache.new_values):
+            presents += [k, v]
+        return (logits, hidden, received, *presents)
+
+    def _layers(self, hidden, attention_mask, position_ids, cache, position_embeddings):
         for layer in self.layers:
             hidden = layer(
                 hidden,
@@ -60,12 +76,7 @@ class DecoderGraph(nn.Module):
                 position_embeddings=position_embeddings,
             )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        hidden = self.norm(hidden)
-        logits = self.lm_head(hidden)
-        presents = []
-        for k, v in zip(cache.new_keys, cache.new_values):
-            presents += [k, v]
-        return (logits, hidden, *presents)
+        return hidden
 
 
 class EmbeddingGraph(nn.Module):

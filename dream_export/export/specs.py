@@ -75,6 +75,7 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
         outputs=(
             TensorSpec("logits", "float32", (1, "q_len", vocab)),
             TensorSpec("hidden_states", "float32", (1, "q_len", hidden)),
+            TensorSpec("attention_received", "float32", (1, "total_len")),
             *present,
         ),
         atol=1e-3,
@@ -110,4 +111,43 @@ def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: in
         atol=base.atol,
         extra={**base.extra, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu",
                "note": "past_key_i and present_key_i are one buffer bound through IOBinding; new rows land at [P, P+Q)"},
+    )
+
+
+DRAFTER_PAST = ("b0_key", "b0_value", "b2_key", "b2_value", "mem_key", "mem_value")
+
+
+def drafter_spec(kv_heads: int, head_dim: int, hidden: int, draft_vocab: int, tree: dict) -> GraphSpec:
+    """The DREAM drafter: self-attention K/V for blocks 0 and 2, and the cross-attention memory K/V."""
+    past = []
+    present = []
+    for name in DRAFTER_PAST:
+        axis = "mem_len" if name.startswith("mem") else "past_len"
+        new_axis = "m_len" if name.startswith("mem") else "q_len"
+        past.append(TensorSpec(f"past_{name}", "float32", (1, kv_heads, axis, head_dim)))
+        present.append(TensorSpec(f"present_{name}", "float32", (1, kv_heads, new_axis, head_dim)))
+    return GraphSpec(
+        name="drafter",
+        file="drafter.onnx",
+        inputs=(
+            TensorSpec("inputs_embeds", "float32", (1, "q_len", hidden)),
+            TensorSpec("position_ids", "int64", (1, "q_len")),
+            TensorSpec("attention_mask", "float32", (1, 1, "q_len", "total_len")),
+            TensorSpec("memory", "float32", (1, "m_len", hidden)),
+            TensorSpec("cross_mask", "float32", (1, 1, "q_len", "mem_total_len")),
+            *past,
+        ),
+        outputs=(
+            TensorSpec("logits", "float32", (1, "q_len", draft_vocab)),
+            TensorSpec("features", "float32", (1, "q_len", hidden)),
+            *present,
+        ),
+        atol=1e-3,
+        extra={
+            "past": [f"past_{n}" for n in DRAFTER_PAST],
+            "present": [f"present_{n}" for n in DRAFTER_PAST],
+            "mask_min": -1e4,
+            # shape bounds for engines with optimization profiles (TensorRT): q_len/m_len per call
+            "bounds": {"q_len": [1, tree["top_k"], "context"], "m_len": [1, tree["top_k"], "context"]},
+        },
     )

@@ -1,0 +1,3 @@
+"""The DREAM drafter model and its configuration."""
+
+from .model import DrafterConfig, DreamDrafter  # noqa: F401
