@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-speculative", action="store_true", help="plain decoding even when the bundle has a drafter")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
                 )
             print(f"dream-run: using bundle {bundle}", file=sys.stderr)
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
-        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      speculative=False if args.no_speculative else None)
         if args.json:
             print(json.dumps(pipe.generate(images, prompt, **kwargs).to_json()))
         else:

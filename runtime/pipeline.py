@@ -34,6 +34,7 @@ class GenerationResult:
     prompt_tokens: int = 0
     ttft_ms: float = 0.0
     decode_s: float = 0.0
+    accept_lengths: list[int] | None = None   # tokens emitted per target call (speculative decoding only)
 
     @property
     def num_new_tokens(self) -> int:
@@ -53,6 +54,8 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
             "ttft_ms": round(self.ttft_ms, 3),
             "tokens_per_s": round(self.tokens_per_s, 3),
+            **({"mean_accept_length": round(float(np.mean(self.accept_lengths)), 4) if self.accept_lengths else 0.0,
+                "accept_lengths": self.accept_lengths} if self.accept_lengths is not None else {}),
         }
 
 
@@ -71,6 +74,7 @@ class Pipeline:
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
         self.fused = fused
+        self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
@@ -127,28 +131,34 @@ class Pipeline:
 
     # --- generation -------------------------------------------------------------------------------
     def generate(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None) -> GenerationResult:
         result = None
-        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed):
+        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative):
             pass
         return result.final
 
     def stream(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator["StreamEvent"]:
-        """Yield text pieces as they become printable; the last event carries the full result."""
+               top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None) -> Iterator["StreamEvent"]:
+        """Yield text pieces as they become printable; the last event carries the full result.
+
+        ``speculative=None`` uses DREAM speculative decoding whenever the bundle has a drafter."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens {max_new_tokens}: expected at least 1")
+        if speculative is None:
+            speculative = self.has_drafter
+        elif speculative and not self.has_drafter:
+            raise InputError(f"{self.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
         cfg = SamplingConfig(temperature, top_p, seed)
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
         prep = self.prepare(images, prompt)
         res = GenerationResult(prompt_tokens=len(prep.input_ids))
-        cache = self.new_decoder()
-        logits = self.step(cache, self.prompt_embeds(prep))["logits"][0, -1]
+        if speculative:
+            res.accept_lengths = []
+        tokens = (self._speculative_tokens(prep, cfg, rng, res) if speculative else self._plain_tokens(prep, cfg, rng))
         detok = _Detokenizer(self.tokenizer)
         t_first = None
-        while True:
-            token = choose(logits, cfg, rng)
+        for token in tokens:
             res.token_ids.append(token)
             if t_first is None:
                 t_first = time.perf_counter()
@@ -158,7 +168,7 @@ class Pipeline:
                 res.stop_reason = "stop_token"
             elif len(res.token_ids) >= max_new_tokens:
                 res.stop_reason = "max_new_tokens"
-            elif cache.length + 1 >= self.max_positions:  # prompt + generated tokens fill the context
+            elif res.prompt_tokens + len(res.token_ids) >= self.max_positions:  # the context is full
                 res.stop_reason = "context_full"
             if res.stop_reason:
                 res.decode_s = time.perf_counter() - t_first
@@ -168,7 +178,30 @@ class Pipeline:
                 return
             if piece:
                 yield StreamEvent(piece, None)
-            logits = self.step(cache, self.embed(np.array([token]))[None])["logits"][0, -1]
+
+    @property
+    def has_drafter(self) -> bool:
+        return bool(self.bundle.manifest.get("drafter"))
+
+    def _plain_tokens(self, prep: Prepared, cfg: SamplingConfig, rng) -> Iterator[int]:
+        dec = self.new_decoder()
+        logits = self.step(dec, self.prompt_embeds(prep))["logits"][0, -1]
+        while True:
+            token = choose(logits, cfg, rng)
+            yield token
+            logits = self.step(dec, self.embed(np.array([token]))[None])["logits"][0, -1]
+
+    def _speculative_tokens(self, prep: Prepared, cfg: SamplingConfig, rng, res: GenerationResult) -> Iterator[int]:
+        from .speculative import SpeculativeDecoder
+        from .tree import TreeSpec
+
+        tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
+        spec = SpeculativeDecoder(self, tree, cfg, rng)
+        yield spec.start(self.prompt_embeds(prep), prep.input_ids)
+        while True:
+            step = spec.step()
+            res.accept_lengths.append(len(step.tokens))
+            yield from step.tokens
 
 
 @dataclass

@@ -21,9 +21,11 @@ def _isolated_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
-    from helpers import write_images
+    import helpers
 
-    return write_images(tmp_path_factory.mktemp("images"))
+    imgs = helpers.write_images(tmp_path_factory.mktemp("images"))
+    helpers._IMAGES["default"] = imgs
+    return imgs
 
 
 class Zoo:
@@ -44,9 +46,45 @@ class Zoo:
         return self._built[name]
 
 
+    def with_drafter(self, name: str, kind: str) -> tuple[Path, Path]:
+        """(model folder, bundle with a drafter): kind 'random' (gates open, so memory and masks matter)
+        or 'copy' (blocks and gates zeroed: it predicts from the token's own embedding, which a tied,
+        repetitive random target often agrees with, so deep acceptance paths get exercised)."""
+        key = f"{name}+{kind}"
+        if key not in self._built:
+            import torch
+
+            from dream_export.drafter.model import DrafterConfig, DreamDrafter
+            from dream_export.export.exporter import ExportOptions, export_bundle, load_target
+            from runtime.tree import TreeSpec
+
+            model_dir, _ = self.get(name)
+            model, processor = load_target(str(model_dir))
+            cfg = DrafterConfig.for_target(model.config.text_config)
+            torch.manual_seed(hash(key) % 1000)
+            drafter = DreamDrafter(cfg, model.lm_head.weight)
+            with torch.no_grad():
+                if kind == "random":
+                    drafter.cross.attn_gate.fill_(0.8)
+                    drafter.cross.mlp_gate.fill_(0.8)
+                else:
+                    for block in (drafter.block0, drafter.block2):
+                        block.self_attn.o_proj.weight.zero_()
+                        block.mlp.down_proj.weight.zero_()
+            ddir = self.root / key / "drafter"
+            drafter.save(ddir)
+            bundle = export_bundle(model, processor, {"model": key},
+                                   ExportOptions(out=self.root / key / "bundle", drafter=ddir, tree=TreeSpec(8, 3, 2)),
+                                   quiet=True)
+            self._built[key] = (model_dir, bundle)
+        return self._built[key]
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     return Zoo(tmp_path_factory.mktemp("zoo"))
 
+CONFIGS["tied_loop"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=True, tie_embeddings=True,
+                                   init_std=0.02, seed=4, max_positions=1024)  # random weights that repeat themselves
 CONFIGS["ctx_small"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=False, init_std=0.1, seed=3,
                                    max_positions=96)

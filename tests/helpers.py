@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+_IMAGES: dict = {}
+
 PROMPTS = [
     "What color is the circle?",
     "Describe the image.",
@@ -77,7 +79,7 @@ def open_for_hf(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(im)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def hf_model(model_dir: str):
     from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
@@ -93,10 +95,15 @@ def hf_inputs(model_dir: str, paths: list[Path], prompt: str):
 
 
 def hf_generate(model_dir: str, paths: list[Path], prompt: str, max_new_tokens: int) -> list[int]:
+    return list(_hf_generate(model_dir, tuple(str(p) for p in paths), prompt, max_new_tokens))
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_generate(model_dir: str, paths: tuple, prompt: str, max_new_tokens: int) -> tuple:
     import torch
 
     model, _ = hf_model(model_dir)
-    enc = hf_inputs(model_dir, paths, prompt)
+    enc = hf_inputs(model_dir, [Path(p) for p in paths], prompt)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, enc["input_ids"].shape[1]:].tolist()
+    return tuple(out[0, enc["input_ids"].shape[1]:].tolist())
