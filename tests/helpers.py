@@ -107,3 +107,21 @@ def _hf_generate(model_dir: str, paths: tuple, prompt: str, max_new_tokens: int)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return tuple(out[0, enc["input_ids"].shape[1]:].tolist())
+
+
+def tiny_vocab_tokenizer():
+    """A word-level tokenizer of ~60 tokens with all of SmolVLM's special tokens (for distribution tests)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dream_export.presets.tiny import SPECIAL_TOKENS
+
+    words = ["[UNK]", "User", ":", "Assistant", "What", "color", "is", "the", "circle", "?", "red", "blue", "a", "it",
+             "yes", "no", "square", "shape", "Describe", "image", "."]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   unk_token="[UNK]", pad_token="<|im_end|>",
+                                   additional_special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>"])

@@ -192,11 +192,11 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
 def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
     from dataclasses import asdict
 
-    from ..drafter.model import DreamDrafter
+    from ..drafter.released import load_any
     from .drafter_export import DrafterGraph, drafter_dummy, validate_drafter
     from .specs import drafter_spec
 
-    drafter = DreamDrafter.load(opts.drafter, adapter.lm_head().weight)
+    drafter = load_any(opts.drafter, adapter.lm_head().weight)
     cfg = drafter.config
     if cfg.hidden_size != adapter.text_config.hidden_size or cfg.vocab_size != adapter.lm_head().weight.shape[0]:
         raise DreamExportError(

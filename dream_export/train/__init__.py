@@ -1,0 +1,1 @@
+"""Drafter training: self-distillation data, cached target features, losses and the training loop."""

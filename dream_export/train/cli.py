@@ -1,0 +1,65 @@
+"""``dream-train``: self-distill the target, cache its features, train a DREAM drafter (thin CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dream-train", description="Train a DREAM drafter for a target VLM.")
+    p.add_argument("--model", required=True, help="target: alias, local folder or hub id (as dream-export)")
+    p.add_argument("--data", required=True, help="JSONL of {image, prompt}, a LLaVA-style JSON, or scenes:N")
+    p.add_argument("--out", type=Path, required=True, help="output folder (features/, checkpoint/, drafter/)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep-visual", type=float, default=0.75, help="fraction of image tokens the drafter sees")
+    t.add_argument("--heldout", type=int, default=16, help="held-out samples for the acceptance estimate")
+    t.add_argument("--max-new-tokens", type=int, default=64, help="length of the target's own answers")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (resumable)")
+    t.add_argument("--no-cross-attention", action="store_true", help="ablation: the drafter never reads target features")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..errors import DreamExportError
+
+    try:
+        import torch
+
+        from ..drafter.model import DrafterConfig
+        from ..export.exporter import load_target
+        from ..registry import resolve_model
+        from .data import load_samples
+        from .features import build_cache, load_examples
+        from .trainer import TrainOptions, train_drafter
+
+        torch.manual_seed(args.seed)
+        source, _ = resolve_model(args.model)
+        model, processor = load_target(source)
+        samples = load_samples(args.data, seed=args.seed)
+        if len(samples) <= args.heldout:
+            raise DreamExportError(f"--data has {len(samples)} samples; expected more than --heldout {args.heldout}")
+        cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual)
+        shards = build_cache(model, processor, samples, args.out / "features", cfg.mid_layer_candidates,
+                             max_new_tokens=args.max_new_tokens)
+        examples = load_examples(shards)
+        train, held = examples[: -args.heldout], examples[-args.heldout:]
+        opts = TrainOptions(out=args.out, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
+                            keep_visual=args.keep_visual, use_cross_attention=not args.no_cross_attention,
+                            max_minutes=args.max_minutes)
+        final = train_drafter(model, train, held, opts, cfg)
+        print(f"drafter written: {final}")
+    except DreamExportError as exc:
+        print(f"dream-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

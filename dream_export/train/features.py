@@ -1,0 +1,108 @@
+"""Self-distillation data and the features DREAM's losses need, cached on disk in safetensors shards.
+
+For each (images, prompt): the target's own greedy answer; then one target forward over prompt+answer
+(eager attention) gives, per position, the last-layer normed hidden state (the drafter's memory and
+regression target), the entropy-selected intermediate feature (DESIGN §4: the candidate layer whose
+attention distribution has the lowest entropy, averaged over heads, chosen per token), and, per
+position, the last-layer attention it receives (mean over heads and queries: visual token compression).
+Shards are written to a temp name and renamed, so an interrupted run resumes at the next shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import Sample, open_images
+
+
+def entropy_select(attentions, hidden_states, candidates: list[int]):
+    """Per token, the candidate layer with the lowest mean-over-heads attention entropy, and its output feature.
+
+    attentions[l]: [1,heads,S,S] of layer l; hidden_states[l+1] is that layer's output."""
+    ents = []
+    for layer in candidates:
+        p = attentions[layer][0].float().clamp_min(1e-12)           # [heads,S,S]
+        ents.append(-(p * p.log()).sum(-1).mean(0))                 # [S]
+    ents = torch.stack(ents)                                        # [C,S]
+    choice = ents.argmin(0)                                         # [S]
+    feats = torch.stack([hidden_states[layer + 1][0] for layer in candidates])  # [C,S,H]
+    selected = feats[choice, torch.arange(feats.shape[1])]
+    return selected, torch.tensor(candidates)[choice]
+
+
+@torch.no_grad()
+def target_features(model, processor, sample: Sample, candidates: list[int], max_new_tokens: int = 64) -> dict:
+    images = open_images(sample)
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    enc = processor(text=text, images=[images] if images else None, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    ids = out[:, :]                                                  # prompt + the target's own answer
+    prompt_len = enc["input_ids"].shape[1]
+    fwd = model(input_ids=ids, pixel_values=enc.get("pixel_values"), pixel_attention_mask=enc.get("pixel_attention_mask"),
+                output_hidden_states=True, output_attentions=True, return_dict=True)
+    hs = fwd.hidden_states                                           # embeddings, then each layer (last one normed)
+    embeds = model.get_input_embeddings()(ids)
+    if enc.get("pixel_values") is not None:
+        img = model.model.get_image_features(pixel_values=enc["pixel_values"], pixel_attention_mask=enc.get("pixel_attention_mask")).pooler_output
+        img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img
+        slots = ids[0] == model.config.image_token_id
+        embeds[0, slots] = img.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+    mid, mid_layer = entropy_select(fwd.attentions, hs, candidates)
+    received = fwd.attentions[-1][0].float().mean(dim=(0, 1))        # [S]
+    return {
+        "input_ids": ids[0].to(torch.int64),
+        "prompt_len": torch.tensor([prompt_len]),
+        "embeds": embeds[0].float(),
+        "features": hs[-1][0].float(),
+        "mid": mid.float(),
+        "mid_layer": mid_layer.to(torch.int64),
+        "received": received,
+    }
+
+
+def build_cache(model, processor, samples: list[Sample], out: Path, candidates: list[int], shard_size: int = 64,
+                max_new_tokens: int = 64) -> list[Path]:
+    """Write shards out/shard_XXXXX.safetensors; existing complete shards are kept (resume)."""
+    from rich.progress import Progress
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.set_attn_implementation("eager")
+    shards = []
+    n_shards = (len(samples) + shard_size - 1) // shard_size
+    with Progress(transient=True) as progress:
+        task = progress.add_task("self-distillation features", total=len(samples))
+        for s in range(n_shards):
+            path = out / f"shard_{s:05d}.safetensors"
+            chunk = samples[s * shard_size:(s + 1) * shard_size]
+            if not path.exists():
+                tensors = {}
+                for i, sample in enumerate(chunk):
+                    for k, v in target_features(model, processor, sample, candidates, max_new_tokens).items():
+                        tensors[f"{i}.{k}"] = v.contiguous()
+                    progress.advance(task)
+                tmp = path.with_suffix(".tmp")
+                save_file(tensors, tmp, metadata={"count": str(len(chunk)), "candidates": json.dumps(candidates)})
+                os.replace(tmp, path)
+            else:
+                progress.advance(task, len(chunk))
+            shards.append(path)
+    return shards
+
+
+def load_examples(shards: list[Path]) -> list[dict]:
+    from safetensors import safe_open
+
+    out = []
+    for path in shards:
+        with safe_open(path, "pt") as f:
+            count = int(f.metadata()["count"])
+            for i in range(count):
+                out.append({k: f.get_tensor(f"{i}.{k}") for k in
+                            ("input_ids", "prompt_len", "embeds", "features", "mid", "mid_layer", "received")})
+    return out

@@ -1,0 +1,205 @@
+"""dream-train: train a DREAM drafter on cached target features.
+
+Losses (paper / reference code): SmoothL1(final draft feature, target last-layer feature) x 0.2,
+the target distribution's cross-entropy against the draft distribution (KL up to a constant) x 1.0,
+SmoothL1(block 0 output, entropy-selected intermediate target feature) x 0.2. Uniform noise on the
+memory features (EAGLE). AdamW (0.9, 0.95), grad clipping, checkpoints + resume, a progress bar
+with loss and held-out acceptance, seeded. Multi-GPU through ``accelerate launch`` (single process here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..drafter.model import DrafterConfig, DreamDrafter, full_sequence_masks
+
+
+@dataclass
+class TrainOptions:
+    out: Path
+    steps: int = 2000
+    lr: float = 1e-3
+    batch: int = 8
+    noise: float = 0.2            # std of the uniform noise on memory features
+    w_feature: float = 0.2
+    w_kl: float = 1.0
+    w_mid: float = 0.2
+    grad_clip: float = 0.5
+    warmup: int = 50
+    eval_every: int = 200
+    ckpt_every: int = 200
+    seed: int = 0
+    keep_visual: float = 0.75
+    use_cross_attention: bool = True   # False: EAGLE-style ablation (memory ignored; see notes)
+    max_minutes: float | None = None
+
+
+def _keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
+    ids = ex["input_ids"]
+    mask = torch.ones(len(ids), dtype=torch.bool)
+    image = (ids == image_token_id).nonzero().squeeze(1)
+    if keep < 1.0 and len(image):
+        n_keep = math.ceil(keep * len(image))
+        order = torch.argsort(-ex["received"][image], stable=True)
+        mask[image[order[n_keep:]]] = False
+    return mask
+
+
+def sequence_loss(drafter: DreamDrafter, ex: dict, opts: TrainOptions, image_token_id: int, generator=None):
+    """Losses and top-1 agreement on the answer positions of one cached sequence."""
+    n = len(ex["input_ids"])
+    keep = _keep_mask(ex, image_token_id, opts.keep_visual)
+    self_mask, cross_mask = full_sequence_masks(n, keep)
+    memory = ex["features"][None]
+    if opts.noise and drafter.training:
+        a = opts.noise * math.sqrt(3.0)
+        memory = memory + (torch.rand(memory.shape, generator=generator) * 2 - 1) * a
+    out = drafter(ex["embeds"][None], torch.arange(n)[None], self_mask, memory, cross_mask, *drafter.empty_past())
+    logits, feats, block0 = out[0][0], out[1][0], out[2][0]
+    pos = torch.arange(int(ex["prompt_len"][0]), n)                # queries x_i of the answer predict f_i
+    target_logits = ex["features"][pos] @ drafter.lm_head_weight.T
+    target_p = torch.softmax(target_logits, -1)
+    logp = torch.log_softmax(logits[pos], -1)
+    kl = -(target_p * logp).sum(-1).mean()
+    feat = F.smooth_l1_loss(feats[pos], ex["features"][pos])
+    mid = F.smooth_l1_loss(block0[pos], ex["mid"][pos])
+    agree = (logits[pos].argmax(-1) == target_logits.argmax(-1)).float().mean()
+    loss = opts.w_feature * feat + opts.w_kl * kl + opts.w_mid * mid
+    return loss, {"kl": kl.item(), "feat": feat.item(), "mid": mid.item(), "acc1": agree.item()}
+
+
+@torch.no_grad()
+def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id: int, keep: float, depth: int = 4,
+                     max_starts: int = 12) -> float:
+    """Mean tokens per target call of greedy chain drafting (depth ``depth``) on held-out sequences,
+    the drafter appending its own features to memory as at run time."""
+    drafter.eval()
+    lengths = []
+    for ex in examples:
+        ids, n, p0 = ex["input_ids"], len(ex["input_ids"]), int(ex["prompt_len"][0])
+        keep_mask = _keep_mask(ex, image_token_id, keep)
+        target_next = (ex["features"] @ drafter.lm_head_weight.T).argmax(-1)   # target's greedy token after i
+        starts = list(range(p0, n - 1))[:max_starts]
+        for i in starts:
+            # context: real tokens x_0..x_i, real features f_0..f_{i-1}; draft x_{i+1}..
+            toks = [int(t) for t in ids[: i + 1]]
+            embeds = ex["embeds"][: i + 1]
+            memory = ex["features"][:i]
+            keepm = keep_mask[: i + 1].clone()
+            accepted = 0
+            for d in range(depth):
+                m = len(toks)
+                sm, cm = full_sequence_masks(m, keepm)
+                mem = torch.cat([memory, torch.zeros(1, memory.shape[1])]) if memory.shape[0] < m else memory
+                out = drafter(embeds[None], torch.arange(m)[None], sm, mem[None, :m], cm, *drafter.empty_past())
+                guess = int(out[0][0, -1].argmax())
+                if drafter.config.draft_vocab:
+                    guess = drafter.config.draft_vocab[guess]
+                truth_pos = i + d
+                if truth_pos >= n - 1 or guess != int(target_next[truth_pos]):
+                    break
+                accepted += 1
+                toks.append(guess)
+                embeds = torch.cat([embeds, ex["embeds"][truth_pos + 1: truth_pos + 2]])
+                memory = torch.cat([memory, out[1][0, -1:]])
+                keepm = torch.cat([keepm, torch.ones(1, dtype=torch.bool)])
+            lengths.append(1 + accepted)
+    return float(sum(lengths) / max(len(lengths), 1))
+
+
+def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainOptions, cfg: DrafterConfig | None = None) -> Path:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    try:
+        from accelerate import Accelerator
+    except ImportError:  # the single-process path needs nothing more
+        Accelerator = None
+
+    torch.manual_seed(opts.seed)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_token_id = model.config.image_token_id
+    cfg = cfg or DrafterConfig.for_target(model.config.text_config, keep_visual=opts.keep_visual)
+    drafter = DreamDrafter(cfg, model.lm_head.weight)
+    if not opts.use_cross_attention:
+        # ablation: freeze the gates at 0 so the memory (target features) is never read
+        drafter.cross.attn_gate.requires_grad_(False)
+        drafter.cross.mlp_gate.requires_grad_(False)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"step": 0, "history": []}
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").exists():
+        from safetensors.torch import load_file
+
+        from ..drafter.model import load_strict
+
+        load_strict(drafter, load_file(ckpt / "model.safetensors"), str(ckpt))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+    accel = Accelerator() if Accelerator is not None else None
+    if accel is not None:
+        drafter, opt = accel.prepare(drafter, opt)
+    raw = drafter.module if hasattr(drafter, "module") else drafter
+    gen = torch.Generator().manual_seed(opts.seed + state["step"])
+    started = time.time()
+    with Progress(TextColumn("[bold]dream-train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False) as progress:
+        task = progress.add_task("train", total=opts.steps, completed=state["step"], info="")
+        while state["step"] < opts.steps:
+            if opts.max_minutes and (time.time() - started) > 60 * opts.max_minutes:
+                break
+            raw.train()
+            lr = opts.lr * min(1.0, (state["step"] + 1) / opts.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * state["step"] / opts.steps)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad()
+            stats = {}
+            idx = torch.randint(len(examples), (opts.batch,), generator=gen)
+            for i in idx.tolist():
+                loss, st = sequence_loss(raw, examples[i], opts, image_token_id, gen)
+                loss = loss / opts.batch
+                (accel.backward(loss) if accel is not None else loss.backward())
+                for k, v in st.items():
+                    stats[k] = stats.get(k, 0.0) + v / opts.batch
+            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+            opt.step()
+            state["step"] += 1
+            info = f"kl {stats['kl']:.3f} acc1 {stats['acc1']:.2f}"
+            if heldout and (state["step"] % opts.eval_every == 0 or state["step"] == opts.steps):
+                acc = chain_acceptance(raw, heldout, image_token_id, opts.keep_visual)
+                state["history"].append({"step": state["step"], "heldout_accept_len": acc, **stats})
+                info += f" | held-out accept len {acc:.2f}"
+            progress.update(task, completed=state["step"], info=info)
+            if state["step"] % opts.ckpt_every == 0 or state["step"] == opts.steps:
+                _save_checkpoint(ckpt, raw, opt, state)
+    final = out / "drafter"
+    tmp = out / "drafter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    raw.save(tmp)
+    (tmp / "training.json").write_text(json.dumps({"options": {k: str(v) for k, v in asdict(opts).items()}, "state": state}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _save_checkpoint(ckpt: Path, drafter, opt, state) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(opt.state_dict(), tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)
