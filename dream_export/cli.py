@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("DREAM drafter")
     d.add_argument("--drafter", type=Path, help="drafter folder written by dream-train (adds speculative decoding)")
     d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
+    d.add_argument("--tune", action="store_true",
+                   help="measure verify/draft costs and acceptance on this machine and write the best tree to the manifest")
     d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -49,6 +51,13 @@ def main(argv=None) -> int:
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
         export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=args.drafter,
                                                                    tree=args.tree, keep_visual=args.keep_visual), quiet=args.quiet)
+        if args.tune:
+            if args.drafter is None:
+                raise DreamExportError("--tune needs --drafter: it picks the draft tree")
+            from .tuning import tune_bundle
+
+            chosen = tune_bundle(out)
+            print(f"dream-export: tuned tree N,D,K = {chosen['total_tokens']},{chosen['depth']},{chosen['top_k']}", file=sys.stderr)
     except DreamExportError as exc:
         print(f"dream-export: error: {exc}", file=sys.stderr)
         return 2

@@ -173,3 +173,12 @@ def caption_names_every_shape(scene: Scene, text: str) -> bool:
         if low.count(f"{s[0]} {s[1]}") < need:
             return False
     return True
+
+
+def grade(qa: QA, scene: Scene, text: str) -> bool:
+    """Exact-answer grading: the answer is one of the accepted wordings; a caption must name every shape
+    with its colour."""
+    text = text.strip()
+    if qa.qtype == "caption":
+        return caption_names_every_shape(scene, text)
+    return text in qa.accepted

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from runtime.preprocess import Idefics3Preprocessor
 
 from .presets.tiny import TinyVLMSpec, build_tiny_vlm
-from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, caption_names_every_shape, qa_pairs, random_scene
+from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, grade, qa_pairs, random_scene
 
 NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 0 = empty
 TRAIN_SEED, HELDOUT_SEED = 1_000, 9_000_000    # evaluation seeds elsewhere start at 10_000_000
@@ -200,13 +200,6 @@ def batch_embeds(model, examples, image_token_id: int):
 
 
 # --- evaluation --------------------------------------------------------------------------------------
-
-def grade(qa, scene, text: str) -> bool:
-    text = text.strip()
-    if qa.qtype == "caption":
-        return caption_names_every_shape(scene, text)
-    return text in qa.accepted
-
 
 @torch.no_grad()
 def evaluate_torch(model, processor, seed: int, scenes: int, max_new_tokens: int = 48) -> dict:
