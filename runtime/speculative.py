@@ -63,9 +63,10 @@ class DrafterState:
         self.backend = pipe.backend
         self.spec = pipe.bundle.graph(info["graph"])
         self.mask_min = float(self.spec["mask_min"])
-        kvh, hd = cfg["num_kv_heads"], cfg["head_dim"]
+        shapes = {t["name"]: t["shape"] for t in self.spec["inputs"]}
         cap = 256
-        self.kv = {name: _Grow(kvh, hd, cap) for name in self.spec["past"]}
+        # each cache's (heads, head_dim) comes from the graph's declared input shape
+        self.kv = {name: _Grow(shapes[name][1], shapes[name][3], cap) for name in self.spec["past"]}
         self.self_pos: list[int] = []
         self.mem_pos: list[int] = []
         d2t = info.get("draft_to_target")

@@ -60,11 +60,15 @@ class Zoo:
 
             model_dir, _ = self.get(name)
             model, processor = load_target(str(model_dir))
-            cfg = DrafterConfig.for_target(model.config.text_config)
-            torch.manual_seed(hash(key) % 1000)
-            drafter = DreamDrafter(cfg, model.lm_head.weight)
+            cfg = DrafterConfig.for_target(model.config.text_config, arch="concat" if kind == "concat" else "dream")
+            torch.manual_seed(sum(map(ord, key)))
+            from dream_export.drafter.model import build_drafter
+
+            drafter = build_drafter(cfg, model.lm_head.weight)
             with torch.no_grad():
-                if kind == "random":
+                if kind == "concat":
+                    pass
+                elif kind == "random":
                     drafter.cross.attn_gate.fill_(0.8)
                     drafter.cross.mlp_gate.fill_(0.8)
                 else:

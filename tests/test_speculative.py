@@ -8,7 +8,7 @@ from runtime.tree import TreeSpec
 
 MAX_NEW = 24
 TREES = [TreeSpec(1, 1, 1), TreeSpec(8, 3, 2), TreeSpec(6, 6, 1), TreeSpec(32, 6, 4)]
-COMBOS = [("split_mha", "random"), ("gqa_nosplit", "random"), ("tied_loop", "copy")]
+COMBOS = [("split_mha", "random"), ("gqa_nosplit", "random"), ("tied_loop", "copy"), ("split_mha", "concat")]
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "+".join(c))

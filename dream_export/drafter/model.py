@@ -41,6 +41,7 @@ class DrafterConfig:
     draft_vocab: list[int] | None = None   # EAGLE-3 style reduced head: draft id -> target id (d2t)
     mid_layer_candidates: list[int] = field(default_factory=list)  # entropy-selected target layers (training)
     keep_visual: float = 0.75              # visual token compression: fraction of image tokens the drafter keeps
+    arch: str = "dream"                    # "dream" (cross-attention fusion) or "concat" (EAGLE-style ablation)
 
     @classmethod
     def for_target(cls, text_config, **overrides) -> "DrafterConfig":
@@ -174,10 +175,13 @@ class DreamDrafter(nn.Module):
         return (logits, features, block0_out, cache.new_keys[0], cache.new_values[0],
                 cache.new_keys[1], cache.new_values[1], new_mk, new_mv)
 
-    def empty_past(self, batch: int = 1, device=None):
+    def past_shapes(self) -> list[tuple[int, int]]:
+        """(heads, head_dim) of each past tensor: b0_k, b0_v, b2_k, b2_v, mem_k, mem_v."""
         c = self.config
-        z = torch.zeros(batch, c.num_kv_heads, 0, c.head_dim, device=device)
-        return (z, z, z, z, z, z)
+        return [(c.num_kv_heads, c.head_dim)] * 6
+
+    def empty_past(self, batch: int = 1, device=None):
+        return tuple(torch.zeros(batch, h, 0, d, device=device) for h, d in self.past_shapes())
 
     # --- weights ----------------------------------------------------------------------------------
     def save(self, folder) -> None:
@@ -193,9 +197,21 @@ class DreamDrafter(nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        model = cls(DrafterConfig.load(folder), lm_head_weight)
+        model = build_drafter(DrafterConfig.load(folder), lm_head_weight)
         load_strict(model, load_file(folder / WEIGHTS_NAME), source=str(folder / WEIGHTS_NAME))
         return model.eval()
+
+
+def build_drafter(cfg: DrafterConfig, lm_head_weight: torch.Tensor) -> nn.Module:
+    if cfg.arch == "dream":
+        return DreamDrafter(cfg, lm_head_weight)
+    if cfg.arch == "concat":
+        from .concat import ConcatDrafter
+
+        return ConcatDrafter(cfg, lm_head_weight)
+    from ..errors import DreamExportError
+
+    raise DreamExportError(f"drafter arch {cfg.arch!r}: expected 'dream' or 'concat'")
 
 
 def load_strict(model: nn.Module, state: dict, source: str) -> None:

@@ -22,9 +22,9 @@ class DrafterGraph(nn.Module):
         return (out[0], out[1], *out[3:])  # drop block 0's output (a training-only target)
 
 
-def drafter_dummy(cfg, q_len=3, past_len=4, m_len=2, mem_past=3, seed=0):
+def drafter_dummy(cfg, past_shapes, q_len=3, past_len=4, m_len=2, mem_past=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    h, kvh, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    h = cfg.hidden_size
     args = [
         torch.randn(1, q_len, h, generator=g),
         torch.arange(past_len, past_len + q_len)[None],
@@ -32,9 +32,8 @@ def drafter_dummy(cfg, q_len=3, past_len=4, m_len=2, mem_past=3, seed=0):
         torch.randn(1, m_len, h, generator=g),
         torch.zeros(1, 1, q_len, mem_past + m_len),
     ]
-    for name in ("b0", "b0", "b2", "b2"):
-        args.append(torch.randn(1, kvh, past_len, hd, generator=g))
-    args += [torch.randn(1, kvh, mem_past, hd, generator=g) for _ in range(2)]
+    for i, (heads, hd) in enumerate(past_shapes):
+        args.append(torch.randn(1, heads, mem_past if i >= 4 else past_len, hd, generator=g))
     return tuple(args)
 
 
@@ -42,7 +41,7 @@ def drafter_cases(cfg, spec, seed: int):
     """(name, feeds): a catch-up call (several tokens, as many new memory rows), a 1-token step, a tree level
     whose queries see only their ancestors in both attentions."""
     rng = np.random.default_rng(seed)
-    h, kvh, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    h = cfg.hidden_size
     mask_min = spec.extra["mask_min"]
     cases = []
     for name, past_len, q_len, mem_past, m_len in (("catchup", 0, 7, 0, 6), ("step", 11, 1, 10, 1), ("tree", 15, 4, 14, 4)):
@@ -60,9 +59,10 @@ def drafter_cases(cfg, spec, seed: int):
             "memory": rng.standard_normal((1, m_len, h)).astype(np.float32),
             "cross_mask": np.where(cross_allowed, 0, mask_min).astype(np.float32)[None, None],
         }
-        for p in spec.extra["past"]:
-            rows = mem_past if "mem" in p else past_len
-            feeds[p] = rng.standard_normal((1, kvh, rows, hd)).astype(np.float32)
+        for t in spec.inputs:
+            if t.name in spec.extra["past"]:
+                rows = mem_past if "mem" in t.name else past_len
+                feeds[t.name] = rng.standard_normal((1, t.dims[1], rows, t.dims[3])).astype(np.float32)
         cases.append((name, feeds))
     return cases
 

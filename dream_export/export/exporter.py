@@ -204,10 +204,10 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
             f"{adapter.text_config.hidden_size} / {adapter.lm_head().weight.shape[0]}"
         )
     tree = opts.tree or TreeSpec()
-    spec = drafter_spec(cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.draft_vocab_size, tree.to_json())
+    spec = drafter_spec(drafter.past_shapes(), cfg.hidden_size, cfg.draft_vocab_size, tree.to_json())
     graph = DrafterGraph(drafter).eval()
     with stages.stage("DREAM drafter → drafter.onnx"):
-        export_graph(graph, spec, drafter_dummy(cfg), tmp / spec.file)
+        export_graph(graph, spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
     with stages.stage("check drafter.onnx against PyTorch (catch-up, step, tree level)"):
         checks = validate_drafter(graph, cfg, spec, tmp / spec.file, opts.seed)
     if cfg.draft_vocab:

@@ -117,11 +117,12 @@ def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: in
 DRAFTER_PAST = ("b0_key", "b0_value", "b2_key", "b2_value", "mem_key", "mem_value")
 
 
-def drafter_spec(kv_heads: int, head_dim: int, hidden: int, draft_vocab: int, tree: dict) -> GraphSpec:
-    """The DREAM drafter: self-attention K/V for blocks 0 and 2, and the cross-attention memory K/V."""
+def drafter_spec(past_shapes: list[tuple[int, int]], hidden: int, draft_vocab: int, tree: dict) -> GraphSpec:
+    """The DREAM drafter: self-attention K/V for blocks 0 and 2, and the cross-attention memory K/V
+    (past_shapes: (heads, head_dim) of each, in DRAFTER_PAST order)."""
     past = []
     present = []
-    for name in DRAFTER_PAST:
+    for name, (kv_heads, head_dim) in zip(DRAFTER_PAST, past_shapes):
         axis = "mem_len" if name.startswith("mem") else "past_len"
         new_axis = "m_len" if name.startswith("mem") else "q_len"
         past.append(TensorSpec(f"past_{name}", "float32", (1, kv_heads, axis, head_dim)))

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heldout", type=int, default=16, help="held-out samples for the acceptance estimate")
     t.add_argument("--max-new-tokens", type=int, default=64, help="length of the target's own answers")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (resumable)")
-    t.add_argument("--no-cross-attention", action="store_true", help="ablation: the drafter never reads target features")
+    t.add_argument("--arch", choices=["dream", "concat"], default="dream",
+                   help="dream (cross-attention fusion) or concat (EAGLE-style ablation, trained the same way)")
     return p
 
 
@@ -45,14 +46,13 @@ def main(argv=None) -> int:
         samples = load_samples(args.data, seed=args.seed)
         if len(samples) <= args.heldout:
             raise DreamExportError(f"--data has {len(samples)} samples; expected more than --heldout {args.heldout}")
-        cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual)
+        cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual, arch=args.arch)
         shards = build_cache(model, processor, samples, args.out / "features", cfg.mid_layer_candidates,
                              max_new_tokens=args.max_new_tokens)
         examples = load_examples(shards)
         train, held = examples[: -args.heldout], examples[-args.heldout:]
         opts = TrainOptions(out=args.out, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                            keep_visual=args.keep_visual, use_cross_attention=not args.no_cross_attention,
-                            max_minutes=args.max_minutes)
+                            keep_visual=args.keep_visual, max_minutes=args.max_minutes)
         final = train_drafter(model, train, held, opts, cfg)
         print(f"drafter written: {final}")
     except DreamExportError as exc:

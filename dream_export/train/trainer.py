@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..drafter.model import DrafterConfig, DreamDrafter, full_sequence_masks
+from ..drafter.model import DrafterConfig, DreamDrafter, build_drafter, full_sequence_masks
 
 
 @dataclass
@@ -39,7 +39,6 @@ class TrainOptions:
     ckpt_every: int = 200
     seed: int = 0
     keep_visual: float = 0.75
-    use_cross_attention: bool = True   # False: EAGLE-style ablation (memory ignored; see notes)
     max_minutes: float | None = None
 
 
@@ -129,11 +128,7 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
     out.mkdir(parents=True, exist_ok=True)
     image_token_id = model.config.image_token_id
     cfg = cfg or DrafterConfig.for_target(model.config.text_config, keep_visual=opts.keep_visual)
-    drafter = DreamDrafter(cfg, model.lm_head.weight)
-    if not opts.use_cross_attention:
-        # ablation: freeze the gates at 0 so the memory (target features) is never read
-        drafter.cross.attn_gate.requires_grad_(False)
-        drafter.cross.mlp_gate.requires_grad_(False)
+    drafter = build_drafter(cfg, model.lm_head.weight)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"step": 0, "history": []}
