@@ -90,5 +90,7 @@ def zoo(tmp_path_factory):
 
 CONFIGS["tied_loop"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=True, tie_embeddings=True,
                                    init_std=0.02, seed=4, max_positions=1024)  # random weights that repeat themselves
+CONFIGS["learnable"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=False, init_std=0.1, seed=7,
+                                   max_positions=512)  # peaky random target: a drafter can learn part of it
 CONFIGS["ctx_small"] = TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, image_splitting=False, init_std=0.1, seed=3,
                                    max_positions=96)

@@ -15,12 +15,12 @@ def cached(zoo, tmp_path_factory):
     from dream_export.export.exporter import load_target
     from dream_export.drafter.model import DrafterConfig
 
-    model_dir, _ = zoo.get("tied_loop")
+    model_dir, _ = zoo.get("learnable")
     model, processor = load_target(str(model_dir))
     out = tmp_path_factory.mktemp("train")
-    samples = load_samples("scenes:28", seed=3)
+    samples = load_samples("scenes:36", seed=3)
     cfg = DrafterConfig.for_target(model.config.text_config)
-    shards = build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=10, max_new_tokens=10)
+    shards = build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=12, max_new_tokens=16)
     return model, processor, out, shards, cfg
 
 
@@ -35,9 +35,9 @@ def test_training_lowers_loss_and_raises_acceptance(cached):
 
     model, _, out, shards, cfg = cached
     examples = load_examples(shards)
-    assert len(examples) == 28 and len(shards) == 3
+    assert len(examples) == 36 and len(shards) == 3
     train, held = examples[:-6], examples[-6:]
-    opts = TrainOptions(out=out / "run", steps=80, lr=3e-3, batch=4, eval_every=40, ckpt_every=40)
+    opts = TrainOptions(out=out / "run", steps=150, lr=3e-3, batch=4, eval_every=75, ckpt_every=75)
     image_token_id = model.config.image_token_id
     torch.manual_seed(0)
     untrained = DreamDrafter(cfg, model.lm_head.weight)
@@ -47,10 +47,10 @@ def test_training_lowers_loss_and_raises_acceptance(cached):
     trained = DreamDrafter.load(final, model.lm_head.weight)
     after_loss = _heldout_loss(trained, held, opts, image_token_id)
     after_acc = chain_acceptance(trained, held, image_token_id, opts.keep_visual)
-    assert after_loss < 0.8 * before_loss
-    assert after_acc > before_acc
+    assert after_loss < 0.95 * before_loss
+    assert after_acc > before_acc + 0.2
     history = json.loads((final / "training.json").read_text())["state"]["history"]
-    assert [h["step"] for h in history] == [40, 80]
+    assert [h["step"] for h in history] == [75, 150]
 
 
 def test_training_resumes_from_checkpoint(cached):
@@ -68,8 +68,8 @@ def test_training_resumes_from_checkpoint(cached):
 def test_feature_cache_resumes(cached, monkeypatch):
     model, processor, out, shards, cfg = cached
     before = [p.stat().st_mtime_ns for p in shards]
-    samples = load_samples("scenes:28", seed=3)
-    again = build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=10, max_new_tokens=10)
+    samples = load_samples("scenes:36", seed=3)
+    again = build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=12, max_new_tokens=16)
     assert [p.stat().st_mtime_ns for p in again] == before  # nothing recomputed
 
 
