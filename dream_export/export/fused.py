@@ -11,7 +11,8 @@ whatever position_ids say (DESIGN §3, measured exact on trees).
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from .graphs import DecoderGraph
 
 
 
@@ -53,19 +54,12 @@ class _GQA(torch.autograd.Function):
         )
 
 
-class FusedDecoderGraph(nn.Module):
+class FusedDecoderGraph(DecoderGraph):
     """Same I/O names as DecoderGraph; past/present are the shared max-length buffers.
 
     Llama-style layers only (input norm, q/k/v/o projections with RoPE, post-attention norm, MLP): the
     layer's own submodules are called in HF's order; the result is checked against the standard graph.
     """
-
-    def __init__(self, adapter):
-        super().__init__()
-        self.layers = nn.ModuleList(adapter.decoder_layers())
-        self.norm = adapter.final_norm()
-        self.rotary = adapter.rotary_emb()
-        self.lm_head = adapter.lm_head()
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
