@@ -326,14 +326,18 @@ def stage_b(cfg: TrainConfig, model, processor, pre, out: Path, state: dict, opt
     acc = state.get("b_acc") or {t: 0.0 for t in QUESTION_TYPES}
     while state["b_step"] < cfg.b_max_steps and time.time() < deadline:
         model.train()
-        need = np.array([1.0 - acc.get(t, 0.0) + 0.15 for t in QUESTION_TYPES])
+        # curriculum by accuracy: a type is sampled in proportion to how often it is still wrong (floor 0.3)
+        need = np.array([1.0 - acc.get(t, 0.0) + 0.3 for t in QUESTION_TYPES])
         types = rng.choice(len(QUESTION_TYPES), size=cfg.b_batch, p=need / need.sum())
         idx = rng.integers(len(pool.items), size=cfg.b_batch)
         examples = [pool.example(int(i), QUESTION_TYPES[int(t)], eou) for i, t in zip(idx, types)]
         x, mask, labels = batch_embeds(model, examples, image_token_id)
         hidden = model.model.text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        # mean over each answer's tokens, then over answers: long captions must not drown one-word facts
+        tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B,L]
+        n_tok = (labels != -100).sum(1).clamp(min=1)
+        loss = (tok_loss.sum(1) / n_tok).mean()
         for g in opt.param_groups:
             g["lr"] = cfg.b_lr * sched(state["b_step"])
         opt.zero_grad()

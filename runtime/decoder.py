@@ -84,13 +84,13 @@ class FusedOrtDecoder(DecoderRunner):
             self.io.bind_ortvalue_input(self.names["past_key"][i], k)
             self.io.bind_ortvalue_input(self.names["past_value"][i], v)
             self._kv_values.append((k, v))
-
-    def _bind_outputs(self) -> None:
-        """The K/V buffers as outputs (in place), logits/hidden freshly allocated (their Q changes per call)."""
-        self.io.clear_binding_outputs()
-        for i, (k, v) in enumerate(self._kv_values):
+            # the K/V buffers are outputs too: ORT writes the new rows in place
             self.io.bind_ortvalue_output(self.names["present_key"][i], k)
             self.io.bind_ortvalue_output(self.names["present_value"][i], v)
+
+    def _bind_outputs(self) -> None:
+        """Logits, hidden states, attention received: freshly allocated each call (their shapes change);
+        binding a name again replaces its previous binding and leaves the K/V bindings alone."""
         for name in self._outputs:
             self.io.bind_output(name)
 

@@ -59,6 +59,8 @@ def tree_mask(parents: np.ndarray, past_len: int, mask_min: float) -> np.ndarray
 
 
 def causal_mask(q_len: int, past_len: int, mask_min: float) -> np.ndarray:
+    if q_len == 1:  # a decode step sees everything
+        return np.zeros((1, 1, 1, past_len + 1), np.float32)
     return tree_mask(np.arange(q_len) - 1, past_len, mask_min)
 
 
