@@ -116,10 +116,11 @@ class FusedOrtDecoder(DecoderRunner):
         if rows is None:
             self.length += self._pending_q
         else:
-            for j, r in enumerate(rows):  # rows ascend, so r >= j: moving in order never clobbers a source
-                if r != j:
-                    for buf in self.keys + self.values:
-                        buf[:, :, p + j] = buf[:, :, p + r]
+            rows = np.asarray(rows)
+            if not np.array_equal(rows, np.arange(len(rows))):  # the accepted rows move down in one gather each
+                src = p + rows
+                for buf in self.keys + self.values:
+                    buf[:, :, p:p + len(rows)] = buf[:, :, src]
             self.length += len(rows)
         self._pending_q = 0
 
