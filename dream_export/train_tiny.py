@@ -372,7 +372,9 @@ def train(cfg: TrainConfig) -> Path:
         build_tiny_vlm(init, TINY_SPEC)
     model = Idefics3ForConditionalGeneration.from_pretrained(init).float()
     processor = AutoProcessor.from_pretrained(init)
-    pre = Idefics3Preprocessor(_pre_cfg(processor))
+    from .targets import adapter_for
+
+    pre = Idefics3Preprocessor(adapter_for(model, processor).preprocessing())  # the manifest's own preprocessing
     probe = VisionProbe(TINY_SPEC.hidden)
     state, optim_state = load_ckpt(out, model, probe)
     state = state or {"stage": "A", "a_step": 0, "b_step": 0, "elapsed_s": 0.0, "config": asdict(cfg)}
@@ -397,18 +399,6 @@ def train(cfg: TrainConfig) -> Path:
     (final / "training.json").write_text(json.dumps({"state": state, "spec": asdict(TINY_SPEC)}, indent=1))
     log(out, {"event": "done", "elapsed_min": round(state["elapsed_s"] / 60, 1), "final": str(final)})
     return final
-
-
-def _pre_cfg(processor) -> dict:
-    ip = processor.image_processor
-    return {
-        "kind": "idefics3", "do_convert_rgb": True, "do_resize": True, "size_longest_edge": ip.size["longest_edge"],
-        "resample": int(ip.resample), "do_image_splitting": ip.do_image_splitting,
-        "max_image_size": ip.max_image_size["longest_edge"], "do_rescale": True, "rescale_factor": ip.rescale_factor,
-        "do_normalize": True, "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-        "image_seq_len": processor.image_seq_len, "image_token": "<image>",
-        "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
-    }
 
 
 def ship(final: Path) -> Path:

@@ -172,7 +172,7 @@ class Pipeline:
                 res.stop_reason = "context_full"
             if res.stop_reason:
                 res.decode_s = time.perf_counter() - t_first
-                res.text = detok.text(final=True)
+                res.text = detok.text()
                 tail = res.text[len(detok.emitted_text):]
                 yield StreamEvent(piece + tail, res)
                 return
@@ -218,7 +218,7 @@ class _Detokenizer:
         self.ids: list[int] = []
         self.emitted_text = ""
 
-    def text(self, final: bool = False) -> str:
+    def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
