@@ -66,7 +66,7 @@ class TrainConfig:
     b_batch: int = 32
     b_lr: float = 2e-3
     b_warmup: int = 100
-    b_max_steps: int = 6000
+    b_max_steps: int = 10000
     b_eval_every: int = 250
     b_eval_scenes: int = 30
     b_target: float = 0.97               # mean held-out exact accuracy that ends stage B early
@@ -220,8 +220,13 @@ def evaluate_torch(model, processor, seed: int, scenes: int, max_new_tokens: int
 
 # --- checkpoints ------------------------------------------------------------------------------------
 
+_RUN_START = [time.time(), 0.0]  # wall time this process started, elapsed seconds before it
+
+
 def save_ckpt(out: Path, model, probe, opt, state: dict) -> None:
     from safetensors.torch import save_file
+
+    state["elapsed_s"] = _RUN_START[1] + time.time() - _RUN_START[0]
 
     tmp = out / "ckpt.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -319,7 +324,10 @@ def stage_b(cfg: TrainConfig, model, processor, pre, out: Path, state: dict, opt
     opt = torch.optim.AdamW(params, lr=cfg.b_lr, betas=(0.9, 0.98), weight_decay=0.01)
     if optim_state and state.get("stage") == "B" and state["b_step"] > 0:
         opt.load_state_dict(optim_state)
-    sched = lambda s: min(1.0, (s + 1) / cfg.b_warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.b_max_steps) / cfg.b_max_steps)))  # noqa: E731
+    elif state["b_step"] > 0:
+        state["b_warm_from"] = state["b_step"]  # resumed without optimizer moments: warm up again
+    warm_from = state.get("b_warm_from", 0)
+    sched = lambda s: min(1.0, (s - warm_from + 1) / cfg.b_warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.b_max_steps) / cfg.b_max_steps)))  # noqa: E731
     eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     image_token_id = model.config.image_token_id
     rng = np.random.default_rng(TRAIN_SEED + 11 + state["b_step"])
@@ -378,12 +386,16 @@ def train(cfg: TrainConfig) -> Path:
     probe = VisionProbe(TINY_SPEC.hidden)
     state, optim_state = load_ckpt(out, model, probe)
     state = state or {"stage": "A", "a_step": 0, "b_step": 0, "elapsed_s": 0.0, "config": asdict(cfg)}
+    if state["stage"] == "done" and state["b_step"] < cfg.b_max_steps:
+        state["stage"] = "B"  # a longer schedule was asked for: go on from the finished model
+    state["config"] = asdict(cfg)
+    _RUN_START[:] = [time.time(), state["elapsed_s"]]
     started = time.time() - state["elapsed_s"]
     deadline = started + cfg.max_hours * 3600
     log(out, {"event": "start", "stage": state["stage"], "a_step": state["a_step"], "b_step": state["b_step"]})
 
     def tick():
-        state["elapsed_s"] = time.time() - started
+        state["elapsed_s"] = _RUN_START[1] + time.time() - _RUN_START[0]
 
     if state["stage"] == "A":
         stage_a(cfg, model, pre, out, state, probe, optim_state, deadline)

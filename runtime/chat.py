@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -31,8 +32,14 @@ def user_turn(num_images: int, prompt: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    """Compiling a template costs milliseconds, more than a tiny model's whole prefill: once per template."""
+    return _env().from_string(template)
+
+
 def render(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
     try:
-        return _env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
         raise InputError(f"chat template failed: {exc}") from exc

@@ -75,6 +75,7 @@ class Pipeline:
         self.max_positions = int(self.text["max_positions"])
         self.fused = fused
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
+        self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
@@ -196,7 +197,7 @@ class Pipeline:
         from .tree import TreeSpec
 
         tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
-        spec = SpeculativeDecoder(self, tree, cfg, rng)
+        spec = SpeculativeDecoder(self, tree, cfg, rng, unrolled=self.unrolled_draft)
         yield spec.start(self.prompt_embeds(prep), prep.input_ids)
         while True:
             step = spec.step()

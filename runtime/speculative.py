@@ -11,8 +11,10 @@ One step (``SpeculativeDecoder.step``):
                child's mass is removed and p renormalised. If no child is accepted, the next token is
                drawn from what is left of p (the bonus). Greedy is the same walk with p one-hot, so
                greedy output equals plain greedy decoding and sampled output has the target's law.
-  4. commit  — the accepted path's target K/V are kept (moved down in place); the drafter rolls back
-               its tree rows and catches up on the accepted tokens with the target's real features.
+  4. commit  — the accepted path's target K/V are kept (moved down in place). The drafter's catch-up on
+               the accepted tokens (with the target's real features) is the first part of the next draft.
+Two drafting paths give the same tree: the bundle's ``draft_tree`` graph (catch-up + every level in one
+call, for the exported D and K) and depth-by-depth calls of the ``drafter`` graph (any D, K).
 The drafter's memory (cross-attention over target features) holds only the kept image tokens
 (visual token compression); the target always sees all of them.
 """
@@ -25,6 +27,16 @@ import numpy as np
 
 from .sampling import SamplingConfig, probabilities
 from .tree import TreeSpec, ancestor_matrix
+
+
+@dataclass
+class DraftTree:
+    """Node 0 is the root; nodes 1.. are the drafted candidates. parents[0] = -1."""
+
+    tokens: np.ndarray   # int64 target ids
+    scores: np.ndarray   # cumulative draft log-prob (root 0)
+    parents: np.ndarray  # int64
+    depth: np.ndarray    # int64
 
 
 @dataclass
@@ -54,64 +66,99 @@ class _Grow:
         self.length += n
 
 
+class _Positions:
+    """A growable int64 vector, rolled back by length."""
+
+    def __init__(self, cap: int = 256):
+        self.data = np.zeros(cap, np.int64)
+        self.length = 0
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.length]
+
+    def append(self, values) -> None:
+        values = np.asarray(values, np.int64)
+        n = len(values)
+        if self.length + n > len(self.data):
+            self.data = np.concatenate([self.data[: self.length], np.zeros(max(len(self.data), n), np.int64)])
+        self.data[self.length: self.length + n] = values
+        self.length += n
+
+
 class DrafterState:
     """The drafter's caches: its own token stream (self-attention K/V of blocks 0 and 2) and the memory
     (cross-attention K/V of target or drafted features), each with the positions of its entries."""
 
     def __init__(self, pipe, info: dict):
-        cfg = info["config"]
         self.backend = pipe.backend
         self.spec = pipe.bundle.graph(info["graph"])
+        self.tree_graph = info.get("tree_graph")
         self.mask_min = float(self.spec["mask_min"])
         shapes = {t["name"]: t["shape"] for t in self.spec["inputs"]}
         cap = 256
         # each cache's (heads, head_dim) comes from the graph's declared input shape
         self.kv = {name: _Grow(shapes[name][1], shapes[name][3], cap) for name in self.spec["past"]}
-        self.self_pos: list[int] = []
-        self.mem_pos: list[int] = []
+        self.self_pos = _Positions()
+        self.mem_pos = _Positions()
         d2t = info.get("draft_to_target")
         self.d2t = np.load(pipe.bundle.file(d2t), allow_pickle=False) if d2t else None
 
     @property
     def self_len(self) -> int:
-        return len(self.self_pos)
+        return self.self_pos.length
 
     @property
     def mem_len(self) -> int:
-        return len(self.mem_pos)
+        return self.mem_pos.length
 
-    def call(self, embeds, positions, self_allowed, memory, mem_positions, cross_allowed):
-        """Run the drafter over Q queries with M new memory rows; every new row is appended (the caller rolls back)."""
+    def _feeds(self, embeds, positions, self_allowed, memory, cross_allowed) -> dict:
         feeds = {
-            "inputs_embeds": embeds[None].astype(np.float32),
+            "inputs_embeds": np.asarray(embeds, np.float32)[None],
             "position_ids": np.asarray(positions, np.int64)[None],
-            "attention_mask": np.where(self_allowed, 0.0, self.mask_min).astype(np.float32)[None, None],
-            "memory": memory[None].astype(np.float32),
-            "cross_mask": np.where(cross_allowed, 0.0, self.mask_min).astype(np.float32)[None, None],
+            "attention_mask": np.where(self_allowed, np.float32(0.0), np.float32(self.mask_min))[None, None],
+            "memory": np.asarray(memory, np.float32)[None],
+            "cross_mask": np.where(cross_allowed, np.float32(0.0), np.float32(self.mask_min))[None, None],
         }
         for name in self.spec["past"]:
             feeds[name] = self.kv[name].view()
-        out = self.backend.run("drafter", feeds)
+        return feeds
+
+    def _append(self, out: dict, positions, mem_positions) -> None:
         for past, present in zip(self.spec["past"], self.spec["present"]):
             self.kv[past].append(out[present])
-        self.self_pos += [int(p) for p in positions]
-        self.mem_pos += [int(p) for p in mem_positions]
+        self.self_pos.append(positions)
+        self.mem_pos.append(mem_positions)
+
+    def call(self, embeds, positions, self_allowed, memory, mem_positions, cross_allowed):
+        """Run the drafter over Q queries with M new memory rows; every new row is appended (the caller rolls back)."""
+        out = self.backend.run("drafter", self._feeds(embeds, positions, self_allowed, memory, cross_allowed))
+        self._append(out, positions, mem_positions)
         return out["logits"][0], out["features"][0]
+
+    def _catch_up_masks(self, positions, feature_positions):
+        pos = np.asarray(positions, np.int64)
+        self_pos = np.concatenate([self.self_pos.view(), pos])
+        mem_pos = np.concatenate([self.mem_pos.view(), np.asarray(feature_positions, np.int64)])
+        return self_pos[None, :] <= pos[:, None], mem_pos[None, :] < pos[:, None]
 
     def catch_up(self, embeds, positions, features, feature_positions):
         """Committed tokens and the target's features for the positions before them: causal, memory strictly earlier."""
-        pos = np.asarray(positions)
-        self_pos = np.asarray(self.self_pos + list(positions))
-        mem_pos = np.asarray(self.mem_pos + list(feature_positions))
-        self_allowed = self_pos[None, :] <= pos[:, None]
-        cross_allowed = mem_pos[None, :] < pos[:, None]
+        self_allowed, cross_allowed = self._catch_up_masks(positions, feature_positions)
         return self.call(embeds, positions, self_allowed, features, feature_positions, cross_allowed)
+
+    def draft_tree(self, embeds, positions, features, feature_positions):
+        """Catch-up and the whole unrolled tree search in one call of the ``draft_tree`` graph; keeps the
+        catch-up rows. Returns the candidates' target ids, cumulative log-probs and parents (-1 = root)."""
+        self_allowed, cross_allowed = self._catch_up_masks(positions, feature_positions)
+        out = self.backend.run(self.tree_graph, self._feeds(embeds, positions, self_allowed, features, cross_allowed))
+        self._append(out, positions, feature_positions)
+        return out["tree_tokens"], out["tree_scores"], out["tree_parents"]
 
     def rollback(self, self_len: int, mem_len: int) -> None:
         for name, g in self.kv.items():
             g.length = mem_len if "mem" in name else self_len
-        del self.self_pos[self_len:]
-        del self.mem_pos[mem_len:]
+        self.self_pos.length = self_len
+        self.mem_pos.length = mem_len
 
     def to_target(self, draft_ids: np.ndarray) -> np.ndarray:
         return draft_ids if self.d2t is None else self.d2t[draft_ids]
@@ -126,10 +173,24 @@ class _Node:
     children: list[int] = field(default_factory=list)
 
 
-class SpeculativeDecoder:
-    """Drives one sequence: ``start`` after the target prefill, then ``step`` until the caller stops."""
+@dataclass
+class _CatchUp:
+    """What the drafter has not seen yet: the tokens emitted by the last step and the target features
+    for the positions before each of them."""
 
-    def __init__(self, pipe, tree: TreeSpec, cfg: SamplingConfig, rng: np.random.Generator):
+    embeds: np.ndarray
+    positions: np.ndarray
+    features: np.ndarray
+    feature_positions: np.ndarray
+
+
+class SpeculativeDecoder:
+    """Drives one sequence: ``start`` after the target prefill, then ``step`` until the caller stops.
+
+    ``unrolled=None`` uses the bundle's one-call ``draft_tree`` graph when its (D, K) equal the tree's."""
+
+    def __init__(self, pipe, tree: TreeSpec, cfg: SamplingConfig, rng: np.random.Generator,
+                 unrolled: bool | None = None):
         self.pipe = pipe
         self.tree = tree
         self.cfg = cfg
@@ -137,24 +198,41 @@ class SpeculativeDecoder:
         self.info = pipe.bundle.manifest["drafter"]
         self.drafter = DrafterState(pipe, self.info)
         self.dec = pipe.new_decoder(slack=tree.total_tokens)
+        graph = pipe.bundle.manifest["graphs"].get(self.info.get("tree_graph") or "", {})
+        fits = bool(graph) and (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
+        if unrolled and not fits:
+            from .errors import BundleError
+
+            raise BundleError(f"the unrolled draft graph was asked for, but the bundle has none for depth "
+                              f"{tree.depth}, top-k {tree.top_k} (it has: {graph.get('depth')}, {graph.get('top_k')})")
+        self.unrolled = fits if unrolled is None else unrolled
+        if self.unrolled:
+            k, c = tree.top_k, int(graph["candidates"])
+            self._tree_depth = np.concatenate([[0, *([1] * k)], np.repeat(np.arange(2, tree.depth + 1), k * k)])[: c + 1]
         self.root = -1
-        self.root_logits = None     # drafter logits for the root's children
-        self.root_feature = None    # drafter's predicted feature at the root's position
+        self.pending: _CatchUp | None = None
 
     # --- setup --------------------------------------------------------------------------------------
     def start(self, prompt_embeds: np.ndarray, input_ids: np.ndarray) -> int:
-        """Target prefill, first token, drafter prefill over the kept prompt positions. Returns the first token."""
+        """Target prefill and the first token; the drafter's prefill (kept prompt positions + the first
+        token) becomes the first catch-up. Returns the first token."""
         out = self.pipe.step(self.dec, prompt_embeds)
         first = self._choose(out["logits"][0, -1])
         keep = self._kept_positions(input_ids, out["attention_received"][0])
-        emb = prompt_embeds[0][keep]
-        root_emb = self.pipe.embed(np.array([first]))
         n = len(input_ids)
-        logits, feats = self.drafter.catch_up(
-            np.concatenate([emb, root_emb]), list(keep) + [n], out["hidden_states"][0][keep], list(keep)
-        )
-        self.root, self.root_logits, self.root_feature = first, logits[-1], feats[-1]
+        self.root = first
+        self.pending = _CatchUp(np.concatenate([prompt_embeds[0][keep], self.pipe.embed(np.array([first]))]),
+                                np.append(keep, n), out["hidden_states"][0][keep], keep)
         return first
+
+    def snapshot(self):
+        """State between steps (for tests that replay one step many times)."""
+        return self.dec.length, self.drafter.self_len, self.drafter.mem_len, self.root, self.pending
+
+    def restore(self, snap) -> None:
+        self.dec.truncate(snap[0])
+        self.drafter.rollback(snap[1], snap[2])
+        self.root, self.pending = snap[3], snap[4]
 
     def _kept_positions(self, input_ids: np.ndarray, received: np.ndarray) -> np.ndarray:
         """Visual token compression: all text positions plus the most-attended fraction of image positions."""
@@ -177,16 +255,34 @@ class SpeculativeDecoder:
     def step(self, max_tokens: int | None = None) -> StepResult:
         room = self.pipe.max_positions - self.dec.length  # verified positions that stay inside the context
         budget = max(1, min(self.tree.total_tokens, room))
-        nodes = self._draft(budget)
-        order = self._select(nodes, budget)
-        logits, hidden = self._verify(nodes, order)
-        path, bonus = self._accept(nodes, order, logits)
+        tree = self._draft_unrolled() if self.unrolled else self._draft_stepwise(budget)
+        order = self._select(tree, budget)
+        logits, hidden = self._verify(tree, order)
+        path, bonus = self._accept(tree, order, logits)
         self.dec.commit(path)
-        tokens = [nodes[order[i]].token for i in path[1:]] + [bonus]
-        self._catch_up(nodes, order, path, hidden, bonus)
+        tokens = [int(t) for t in tree.tokens[order[path[1:]]]] + [bonus]
+        p0 = self.dec.length - len(path)  # the root's position
+        self.pending = _CatchUp(self.pipe.embed(np.array(tokens)), p0 + 1 + np.arange(len(tokens)),
+                                hidden[path], p0 + np.arange(len(path)))
+        self.root = bonus
         return StepResult(tokens, len(path) - 1, len(order))
 
-    def _draft(self, budget: int) -> list[_Node]:
+    def _draft_unrolled(self) -> DraftTree:
+        c = self.pending
+        self.pending = None
+        toks, scores, parents = self.drafter.draft_tree(c.embeds, c.positions, c.features, c.feature_positions)
+        return DraftTree(np.concatenate([[self.root], toks]), np.concatenate([[0.0], scores]),
+                         np.concatenate([[-1], parents + 1]), self._tree_depth)
+
+    def _draft_stepwise(self, budget: int) -> DraftTree:
+        c = self.pending
+        self.pending = None
+        logits, feats = self.drafter.catch_up(c.embeds, c.positions, c.features, c.feature_positions)
+        nodes = self._draft(budget, logits[-1], feats[-1])
+        return DraftTree(np.array([n.token for n in nodes], np.int64), np.array([n.logp for n in nodes]),
+                         np.array([n.parent for n in nodes], np.int64), np.array([n.depth for n in nodes], np.int64))
+
+    def _draft(self, budget: int, root_logits: np.ndarray, root_feature: np.ndarray) -> list[_Node]:
         k, depth = self.tree.top_k, self.tree.depth
         nodes = [_Node(self.root, -1, 0, 0.0)]
         if budget == 1:
@@ -196,13 +292,13 @@ class SpeculativeDecoder:
         # scratch rows: drafter self entries and memory entries, each tagged with the node it belongs to
         self_owner: list[int] = []
         mem_owner: list[int] = []
-        queried: dict[int, tuple[np.ndarray, np.ndarray]] = {0: (self.root_logits, self.root_feature)}
+        queried: dict[int, np.ndarray] = {0: root_logits}
         frontier = [0]
-        pending_mem = [(0, self.root_feature)]  # features to append to memory with the next call
+        pending_mem = [(0, root_feature)]  # features to append to memory with the next call
         for d in range(1, depth + 1):
             cands = []
             for u in frontier:
-                lp = _log_softmax(queried[u][0])
+                lp = _log_softmax(queried[u])
                 top = np.argsort(-lp, kind="stable")[:k]
                 for di, tok in zip(top, self.drafter.to_target(top)):
                     cands.append((nodes[u].logp + float(lp[di]), u, int(tok)))
@@ -231,7 +327,7 @@ class SpeculativeDecoder:
             self_owner += frontier
             mem_owner += [u for u, _ in pending_mem]
             for qi, u in enumerate(frontier):
-                queried[u] = (logits[qi], feats[qi])
+                queried[u] = logits[qi]
             pending_mem = [(u, feats[qi]) for qi, u in enumerate(frontier)]
         self.drafter.rollback(base_self, base_mem)
         return nodes
@@ -244,63 +340,71 @@ class SpeculativeDecoder:
             u = nodes[u].parent
         return out
 
-    def _select(self, nodes: list[_Node], budget: int) -> list[int]:
-        """Root + the best budget-1 nodes by cumulative log-prob, closed under ancestors, parents first."""
-        ranked = sorted(range(1, len(nodes)), key=lambda i: -nodes[i].logp)
-        chosen = {0}
-        for i in ranked:
-            if len(chosen) >= budget:
-                break
-            anc = self._ancestors(nodes, i)
-            if len(chosen | anc) <= budget:
-                chosen |= anc
-        return sorted(chosen, key=lambda i: (nodes[i].depth, i))
+    @staticmethod
+    def _select(tree: DraftTree, budget: int) -> np.ndarray:
+        """Root + the best budget-1 candidates by cumulative log-prob (ties: shallower first), closed
+        under ancestors. A score never rises along a path, so the ranking puts parents before children
+        and the result is already in verify order."""
+        n = len(tree.tokens)
+        if budget <= 1 or n == 1:
+            return np.zeros(1, np.int64)
+        rank = np.lexsort((np.arange(1, n), tree.depth[1:], -tree.scores[1:])) + 1
+        chosen = np.zeros(n, bool)
+        chosen[0] = True
+        out = [0]
+        for i in rank:
+            if chosen[tree.parents[i]]:
+                chosen[i] = True
+                out.append(int(i))
+                if len(out) == budget:
+                    break
+        return np.array(out, np.int64)
 
-    def _verify(self, nodes, order):
-        index = {u: j for j, u in enumerate(order)}
-        parents = np.array([index.get(nodes[u].parent, -1) for u in order])
-        p = self.dec.length
-        allowed = np.concatenate([np.ones((len(order), p), bool), ancestor_matrix(parents)], axis=1)
-        mask = np.where(allowed, 0.0, self.pipe.mask_min).astype(np.float32)[None, None]
-        positions = p + np.array([nodes[u].depth for u in order])
-        out = self.dec.run(self.pipe.embed(np.array([nodes[u].token for u in order]))[None], mask, positions)
+    def _verify(self, tree: DraftTree, order: np.ndarray):
+        row_of = np.full(len(tree.tokens), -1, np.int64)
+        row_of[order] = np.arange(len(order))
+        p = tree.parents[order]
+        parents = np.where(p >= 0, row_of[np.maximum(p, 0)], -1)
+        self._rows = parents
+        ctx = self.dec.length
+        allowed = np.concatenate([np.ones((len(order), ctx), bool), ancestor_matrix(parents)], axis=1)
+        mask = np.where(allowed, np.float32(0.0), np.float32(self.pipe.mask_min))[None, None]
+        positions = ctx + tree.depth[order]
+        out = self.dec.run(self.pipe.embed(tree.tokens[order])[None], mask, positions)
         return out["logits"][0], out["hidden_states"][0]
 
-    def _accept(self, nodes, order, logits):
+    def _accept(self, tree: DraftTree, order: np.ndarray, logits: np.ndarray):
         """Returns the accepted rows (root first) and the bonus token (see the module docstring)."""
-        index = {u: j for j, u in enumerate(order)}
-        row = 0
-        path = [0]
+        parents = self._rows
+        tokens = tree.tokens[order]
+        if self.cfg.greedy:
+            child = {(int(parents[r]), int(tokens[r])): r for r in range(1, len(order))}
+            target = logits.argmax(-1)
+            row, path = 0, [0]
+            while True:
+                nxt = child.get((row, int(target[row])))
+                if nxt is None:
+                    return path, int(target[row])
+                path.append(nxt)
+                row = nxt
+        kids: dict[int, list[int]] = {}
+        for r in range(1, len(order)):  # rows are in draft rank order: children best first
+            kids.setdefault(int(parents[r]), []).append(r)
+        row, path = 0, [0]
         while True:
-            kids = [c for c in nodes[order[row]].children if c in index]
-            if self.cfg.greedy:
-                target = int(np.argmax(logits[row]))
-                match = next((c for c in kids if nodes[c].token == target), None)
-                if match is None:
-                    return path, target
-            else:
-                p = probabilities(logits[row], self.cfg)
-                match = None
-                for c in kids:  # children in draft order (best first)
-                    tok = nodes[c].token
-                    if p[tok] > 0 and self.rng.random() * p.sum() < p[tok]:
-                        match = c
-                        break
-                    p[tok] = 0.0
-                if match is None:
-                    s = p.sum()
-                    bonus = int(min(np.searchsorted(np.cumsum(p), self.rng.random() * s, side="right"), len(p) - 1))
-                    return path, bonus
-            row = index[match]
-            path.append(row)
-
-    def _catch_up(self, nodes, order, path, hidden, bonus):
-        p0 = self.dec.length - len(path)  # position of the root
-        tokens = [nodes[order[i]].token for i in path[1:]] + [bonus]
-        positions = [p0 + 1 + i for i in range(len(tokens))]
-        logits, feats = self.drafter.catch_up(self.pipe.embed(np.array(tokens)), positions,
-                                              hidden[path], [p0 + i for i in range(len(path))])
-        self.root, self.root_logits, self.root_feature = bonus, logits[-1], feats[-1]
+            p = probabilities(logits[row], self.cfg)
+            match = None
+            for c in kids.get(row, ()):
+                tok = tokens[c]
+                if p[tok] > 0 and self.rng.random() * p.sum() < p[tok]:
+                    match = c
+                    break
+                p[tok] = 0.0
+            if match is None:
+                s = p.sum()
+                return path, int(min(np.searchsorted(np.cumsum(p), self.rng.random() * s, side="right"), len(p) - 1))
+            path.append(match)
+            row = match
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

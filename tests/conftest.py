@@ -80,7 +80,24 @@ class Zoo:
             bundle = export_bundle(model, processor, {"model": key},
                                    ExportOptions(out=self.root / key / "bundle", drafter=ddir, tree=TreeSpec(8, 3, 2)),
                                    quiet=True)
-            self._built[key] = (model_dir, bundle)
+            self._built[key] = (model_dir, bundle, ddir)
+        return self._built[key][:2]
+
+    def with_tree(self, name: str, kind: str, tree) -> tuple[Path, Path]:
+        """The with_drafter bundle, copied, with its one-call draft graph re-exported for ``tree``'s D and K."""
+        import shutil
+
+        from dream_export.export.exporter import load_target, set_draft_tree
+
+        key = f"{name}+{kind}@{tree.total_tokens},{tree.depth},{tree.top_k}"
+        if key not in self._built:
+            model_dir, bundle = self.with_drafter(name, kind)
+            ddir = self._built[f"{name}+{kind}"][2]
+            dst = self.root / key / "bundle"
+            shutil.copytree(bundle, dst)
+            model, processor = load_target(str(model_dir))
+            set_draft_tree(dst, model, processor, ddir, tree)
+            self._built[key] = (model_dir, dst)
         return self._built[key]
 
 

@@ -50,16 +50,17 @@ def _pool(counts, expected, min_expected=5.0):
     return np.array(obs), np.array(exp)
 
 
+@pytest.mark.parametrize("unrolled", [False, True], ids=["stepwise", "unrolled"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
-def test_first_and_second_token_distributions(tiny_vocab_bundle, images, temperature, top_p):
+def test_first_and_second_token_distributions(tiny_vocab_bundle, images, temperature, top_p, unrolled):
     pipe = Pipeline.from_bundle(tiny_vocab_bundle)
     cfg = SamplingConfig(temperature, top_p, seed=0)
     rng = np.random.default_rng(1234)
     prep = pipe.prepare([str(images["coffee"])], "What color is the circle?")
     embeds = pipe.prompt_embeds(prep)
-    spec = SpeculativeDecoder(pipe, TreeSpec(6, 3, 3), cfg, rng)
+    spec = SpeculativeDecoder(pipe, TreeSpec(6, 3, 3), cfg, rng, unrolled=unrolled)
     root = spec.start(embeds, prep.input_ids)
-    saved = (spec.dec.length, spec.drafter.self_len, spec.drafter.mem_len, spec.root, spec.root_logits.copy(), spec.root_feature.copy())
+    saved = spec.snapshot()
 
     # exact target distributions: p1 = next token after the root, p2 = the token after that (marginal)
     plain = pipe.new_decoder()
@@ -77,9 +78,7 @@ def test_first_and_second_token_distributions(tiny_vocab_bundle, images, tempera
     second = np.zeros(len(p1))
     accepted = 0
     for _ in range(draws):
-        spec.dec.truncate(saved[0])
-        spec.drafter.rollback(saved[1], saved[2])
-        spec.root, spec.root_logits, spec.root_feature = saved[3], saved[4].copy(), saved[5].copy()
+        spec.restore(saved)
         tokens = spec.step().tokens
         accepted += len(tokens) - 1
         if len(tokens) < 2:

@@ -11,12 +11,18 @@ TREES = [TreeSpec(1, 1, 1), TreeSpec(8, 3, 2), TreeSpec(6, 6, 1), TreeSpec(32, 6
 COMBOS = [("split_mha", "random"), ("gqa_nosplit", "random"), ("tied_loop", "copy"), ("split_mha", "concat")]
 
 
+@pytest.mark.parametrize("draft", ["stepwise", "unrolled"])
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "+".join(c))
 @pytest.mark.parametrize("tree", TREES, ids=lambda t: f"N{t.total_tokens}D{t.depth}K{t.top_k}")
-def test_speculative_greedy_is_lossless(zoo, images, combo, tree):
-    model_dir, bundle = zoo.with_drafter(*combo)
+def test_speculative_greedy_is_lossless(zoo, images, combo, tree, draft):
+    """Both drafting paths: depth-by-depth drafter calls, and the one-call draft_tree graph exported for the tree."""
+    if draft == "unrolled":
+        model_dir, bundle = zoo.with_tree(*combo, tree)
+    else:
+        model_dir, bundle = zoo.with_drafter(*combo)
     pipe = Pipeline.from_bundle(bundle)
     pipe.tree_spec = tree
+    pipe.unrolled_draft = draft == "unrolled"
     accepted = 0
     for pair, (names, prompt_idx) in enumerate(PAIRS):
         paths = [str(images[n]) for n in names]
@@ -31,11 +37,13 @@ def test_speculative_greedy_is_lossless(zoo, images, combo, tree):
         assert accepted > 0  # the acceptance path really ran
 
 
-def test_context_fills_mid_tree(zoo, images):
-    model_dir, bundle = zoo.with_drafter("ctx_small", "copy")
-    pipe = Pipeline.from_bundle(bundle)
+@pytest.mark.parametrize("draft", ["stepwise", "unrolled"])
+def test_context_fills_mid_tree(zoo, images, draft):
     for tree in (TreeSpec(8, 3, 2), TreeSpec(32, 6, 4)):
+        _, bundle = zoo.with_tree("ctx_small", "copy", tree)
+        pipe = Pipeline.from_bundle(bundle)
         pipe.tree_spec = tree
+        pipe.unrolled_draft = draft == "unrolled"
         for name in ("chelsea", "wide_strip"):
             spec = pipe.generate([str(images[name])], "Describe the image.", max_new_tokens=500)
             plain = pipe.generate([str(images[name])], "Describe the image.", max_new_tokens=500, speculative=False)
@@ -56,3 +64,73 @@ def test_json_reports_acceptance(zoo, images, capsys):
     assert sum(out["accept_lengths"]) >= 19 and out["mean_accept_length"] >= 1.0
     assert cli.main([str(images["coffee"]), "hi", "--bundle", str(bundle), "--json", "--no-speculative", "--max-new-tokens", "5"]) == 0
     assert "accept_lengths" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("tree", [TreeSpec(8, 3, 2), TreeSpec(12, 4, 3), TreeSpec(6, 6, 1)], ids=str)
+def test_unrolled_draft_graph_builds_the_stepwise_tree(zoo, images, tree):
+    """The one-call graph's EAGLE-2 search equals the depth-by-depth search: the same verified trees, step
+    after step, and the same drafter caches afterwards."""
+    import numpy as np
+
+    from runtime.sampling import SamplingConfig
+    from runtime.speculative import SpeculativeDecoder
+
+    _, bundle = zoo.with_tree("split_mha", "random", tree)
+    pipe = Pipeline.from_bundle(bundle)
+    prep = pipe.prepare([str(images["astronaut"])], "Describe the image.")
+    embeds = pipe.prompt_embeds(prep)
+    runs = {}
+    for unrolled in (False, True):
+        sd = SpeculativeDecoder(pipe, tree, SamplingConfig(), np.random.default_rng(0), unrolled=unrolled)
+        sd.start(embeds, prep.input_ids)
+        trees, steps = [], []
+        original = sd._draft_unrolled if unrolled else sd._draft_stepwise
+
+        def record(*args, original=original, trees=trees):
+            t = original(*args)
+            trees.append((t.tokens.tolist(), t.parents.tolist(), t.depth.tolist()))
+            return t
+
+        sd._draft_unrolled = sd._draft_stepwise = record
+        for _ in range(5):
+            steps.append(sd.step().tokens)
+        runs[unrolled] = (trees, steps, {n: g.view().copy() for n, g in sd.drafter.kv.items()})
+    (t0, s0, kv0), (t1, s1, kv1) = runs[False], runs[True]
+    assert s0 == s1
+    for a, b in zip(t0, t1):
+        # the stepwise tree lists nodes depth by depth, the graph lists candidates level by level: compare as sets of paths
+        assert _paths(*a) == _paths(*b)
+    assert len(t0[0][0]) > 1
+    for name in kv0:
+        np.testing.assert_allclose(kv0[name], kv1[name], atol=1e-4)
+
+
+def _paths(tokens, parents, depth):
+    out = set()
+    for i in range(len(tokens)):
+        path, u = [], i
+        while u >= 0:
+            path.append(tokens[u])
+            u = parents[u]
+        out.add(tuple(reversed(path)))
+    return out
+
+
+def test_set_draft_tree_keeps_the_bundle_valid(zoo, tmp_path):
+    import json
+    import shutil
+
+    from dream_export.export.exporter import load_target, set_draft_tree
+    from runtime.bundle import Bundle
+
+    model_dir, bundle = zoo.with_drafter("tied_loop", "copy")
+    ddir = zoo._built["tied_loop+copy"][2]
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    old = json.loads((dst / "manifest.json").read_text())["graphs"]["draft_tree"]["file"]
+    model, processor = load_target(str(model_dir))
+    set_draft_tree(dst, model, processor, ddir, TreeSpec(10, 5, 2))
+    m = Bundle.load(dst).manifest  # every hash still matches
+    assert m["tree"] == {"total_tokens": 10, "depth": 5, "top_k": 2}
+    assert (m["graphs"]["draft_tree"]["depth"], m["graphs"]["draft_tree"]["top_k"]) == (5, 2)
+    assert not (dst / old).exists() and old not in m["files"]

@@ -129,9 +129,13 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 checks += validate_fused_decoder(decoder, f_spec, tmp / f_spec.file, opts.seed)
         drafter_info = None
         if opts.drafter is not None:
-            drafter_info, dr_spec, dr_checks = _export_drafter(adapter, opts, tmp, stages)
+            drafter_info, dr_specs, dr_checks = _export_drafter(adapter, opts, tmp, stages)
             checks += dr_checks
-            graphs["drafter"] = {**dr_spec.to_json(), **op_inventory(tmp / dr_spec.file)}
+            for spec in dr_specs:
+                inv = op_inventory(tmp / spec.file)
+                if inv["non_standard"] or inv["not_trt_parsable"]:
+                    raise DreamExportError(f"{spec.file}: ops TensorRT cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}")
+                graphs[spec.name] = {**spec.to_json(), **inv}
         _print_checks(stages, checks)
         raise_on_mismatch(checks)
         for spec in (v_spec, d_spec, f_spec):
@@ -205,21 +209,81 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         )
     tree = opts.tree or TreeSpec()
     spec = drafter_spec(drafter.past_shapes(), cfg.hidden_size, cfg.draft_vocab_size, tree.to_json())
-    graph = DrafterGraph(drafter).eval()
+    from ..drafter.lean import LeanDrafter
+
     with stages.stage("DREAM drafter → drafter.onnx"):
-        export_graph(graph, spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
-    with stages.stage("check drafter.onnx against PyTorch (catch-up, step, tree level)"):
-        checks = validate_drafter(graph, cfg, spec, tmp / spec.file, opts.seed)
+        export_graph(DrafterGraph(LeanDrafter(drafter)).eval(), spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
+    with stages.stage("check drafter.onnx against the PyTorch drafter (catch-up, step, tree level)"):
+        checks = validate_drafter(DrafterGraph(drafter).eval(), cfg, spec, tmp / spec.file, opts.seed)
+    t_spec, t_checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, spec, tree, tmp, stages, opts.seed)
+    checks += t_checks
     if cfg.draft_vocab:
         np.save(tmp / "draft_to_target.npy", np.asarray(cfg.draft_vocab, dtype=np.int64))
     info = {
         "graph": "drafter",
+        "tree_graph": "draft_tree",
         "config": asdict(cfg),
         "keep_visual": float(opts.keep_visual if opts.keep_visual is not None else cfg.keep_visual),
         "draft_to_target": "draft_to_target.npy" if cfg.draft_vocab else None,
         "source": str(opts.drafter),
     }
-    return info, spec, checks
+    return info, (spec, t_spec), checks
+
+
+def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, folder: Path, stages, seed: int):
+    from .draft_tree import DraftTreeGraph, draft_tree_spec, validate_draft_tree
+    from .drafter_export import drafter_dummy
+
+    from ..drafter.lean import LeanDrafter
+
+    t_spec = draft_tree_spec(drafter_spec_, tree.depth, tree.top_k)
+    mask_min = drafter_spec_.extra["mask_min"]
+    lean = DraftTreeGraph(LeanDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min).eval()
+    reference = DraftTreeGraph(drafter, embed_weight, tree.depth, tree.top_k, mask_min).eval()
+    with stages.stage(f"draft step in one graph (catch-up + depth {tree.depth}, top-{tree.top_k} tree) → {t_spec.file}"):
+        export_graph(lean, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
+    with stages.stage(f"check {t_spec.file} against the PyTorch drafter (prompt catch-up, step catch-up)"):
+        checks = validate_draft_tree(reference, drafter.config, t_spec, folder / t_spec.file, seed)
+    return t_spec, checks
+
+
+def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: TreeSpec, quiet: bool = True) -> Path:
+    """Replace a bundle's one-call draft graph with one for ``tree``'s depth and top-k and make ``tree`` the
+    bundle's tree (``dream-export --tune`` uses it when it picks another D or K). The new graph gets its
+    own file name (validated in a temporary folder, then moved in); the manifest switches to it in one
+    atomic replace and only then is the old graph file removed, so the bundle is valid at every moment."""
+    from ..drafter.released import load_any
+    from ..targets import adapter_for
+    from .specs import GraphSpec, TensorSpec
+
+    bundle_dir = Path(bundle_dir)
+    stages = _Stages([], quiet=quiet)
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    if not manifest.get("drafter"):
+        raise DreamExportError(f"{bundle_dir}: the bundle has no drafter")
+    adapter = adapter_for(model, processor)
+    drafter = load_any(drafter_dir, adapter.lm_head().weight)
+    g = manifest["graphs"]["drafter"]
+    base = GraphSpec("drafter", g["file"], tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]),
+                     tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]), g["atol"],
+                     {k: g[k] for k in ("past", "present", "mask_min")})
+    with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
+        t_spec, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0)
+        raise_on_mismatch(checks)
+        inv = op_inventory(Path(tmp) / t_spec.file)
+        os.replace(Path(tmp) / t_spec.file, bundle_dir / t_spec.file)
+    old = manifest["graphs"].get(t_spec.name, {}).get("file")
+    manifest["graphs"][t_spec.name] = {**t_spec.to_json(), **inv}
+    manifest["tree"] = tree.to_json()
+    manifest["files"][t_spec.file] = sha256_file(bundle_dir / t_spec.file)
+    if old != t_spec.file:
+        manifest["files"].pop(old, None)
+    part = bundle_dir / (MANIFEST + ".part")
+    part.write_text(json.dumps(manifest, indent=1))
+    os.replace(part, bundle_dir / MANIFEST)
+    if old and old != t_spec.file:
+        (bundle_dir / old).unlink(missing_ok=True)
+    return bundle_dir
 
 
 def _decoder_dummy(spec, past_len: int, q_len: int, capacity: int | None = None) -> tuple:

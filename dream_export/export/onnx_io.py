@@ -15,7 +15,7 @@ OPSET = 17
 TRT_PARSABLE = {
     "Abs", "Add", "And", "ArgMax", "Cast", "Ceil", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "Div",
     "Einsum", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "Gemm", "Greater",
-    "GreaterOrEqual", "Identity", "LayerNormalization", "Less", "LessOrEqual", "Log", "MatMul", "Max", "Min", "Mul",
+    "GreaterOrEqual", "Identity", "LayerNormalization", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "Min", "Mul",
     "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape",
     "ScatterND", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh",
     "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where", "Xor", "Gelu",
