@@ -14,7 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
     d = p.add_argument_group("DREAM drafter")
-    d.add_argument("--drafter", type=Path, help="drafter folder written by dream-train (adds speculative decoding)")
+    d.add_argument("--drafter", type=Path, help="drafter folder written by dream-train (adds speculative decoding); "
+                   "smolvlm-tiny uses its shipped trained drafter unless --no-drafter")
+    d.add_argument("--no-drafter", action="store_true", help="export the target only")
     d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
     d.add_argument("--tune", action="store_true",
                    help="measure verify/draft costs and acceptance on this machine and write the best tree to the manifest")
@@ -47,17 +49,38 @@ def main(argv=None) -> int:
         out = args.out or bundles_dir() / name
         if out.exists() and not args.force:  # fail before the (slow) model load
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
+        if args.no_drafter and args.drafter is not None:
+            raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
+        drafter, tree = args.drafter, args.tree
+        if drafter is None and not args.no_drafter:
+            from runtime.tree import TreeSpec
+
+            from .presets.smolvlm_tiny import shipped_drafter
+
+            shipped = shipped_drafter(source)
+            if shipped is not None:
+                drafter = shipped[0]
+                tree = tree or (TreeSpec.from_json(shipped[1]) if shipped[1] else None)
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
-        export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=args.drafter,
-                                                                   tree=args.tree, keep_visual=args.keep_visual), quiet=args.quiet)
+        export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=drafter,
+                                                                   tree=tree, keep_visual=args.keep_visual), quiet=args.quiet)
         if args.tune:
-            if args.drafter is None:
+            if drafter is None:
                 raise DreamExportError("--tune needs --drafter: it picks the draft tree")
             from .tuning import tune_bundle
 
-            chosen = tune_bundle(out)
-            print(f"dream-export: tuned tree N,D,K = {chosen['total_tokens']},{chosen['depth']},{chosen['top_k']}", file=sys.stderr)
+            from .export.exporter import set_draft_tree
+
+            chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree))
+            import json
+
+            tuning = json.loads((out / "manifest.json").read_text())["tuning"]
+            print(f"dream-export: tuned tree N,D,K = {chosen['total_tokens']},{chosen['depth']},{chosen['top_k']}, "
+                  f"{tuning['threads']} ORT thread(s); measured decode speedup {tuning['measured_speedup']:.2f}x", file=sys.stderr)
+            if not tuning["speculation_pays"]:
+                print("dream-export: warning: on this machine speculative decoding measured slower than plain decoding; "
+                      "the bundle keeps the drafter (dream-run --no-speculative decodes without it)", file=sys.stderr)
     except DreamExportError as exc:
         print(f"dream-export: error: {exc}", file=sys.stderr)
         return 2

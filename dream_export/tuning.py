@@ -10,7 +10,11 @@ from pathlib import Path
 from runtime.bundle import MANIFEST
 
 
-def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000) -> dict:
+def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_tree=None) -> dict:
+    """Measure on calibration scenes (runtime.tune), then record the tree, the ORT thread count and the
+    table in the manifest. ``set_tree(TreeSpec)`` re-exports the one-call draft graph when the chosen
+    depth / top-k differ from the exported one (dream-export passes it; without it the runtime drafts
+    depth by depth for that tree)."""
     import numpy as np
 
     from runtime.pipeline import Pipeline
@@ -27,11 +31,18 @@ def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000) -> di
             scene.render().save(path)
             qa = qa_pairs(scene, rng)[i % 7]
             samples.append(([str(path)], qa.prompt))
-        result = tune(Pipeline.from_bundle(bundle_dir), samples)
+        result = tune(lambda threads: Pipeline.from_bundle(bundle_dir, threads=threads), samples)
+    from runtime.tree import TreeSpec
+
     mpath = Path(bundle_dir) / MANIFEST
+    chosen = TreeSpec.from_json(result["chosen"])
+    graph = json.loads(mpath.read_text())["graphs"].get("draft_tree", {})
+    if set_tree is not None and (graph.get("depth"), graph.get("top_k")) != (chosen.depth, chosen.top_k):
+        set_tree(chosen)
     manifest = json.loads(mpath.read_text())
     manifest["tree"] = result["chosen"]
     manifest["tuning"] = result
+    manifest["runtime"] = {**manifest.get("runtime", {}), "threads": result["threads"]}
     tmp_path = mpath.with_suffix(".json.part")
     tmp_path.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_path, mpath)

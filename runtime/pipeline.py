@@ -63,6 +63,8 @@ class Pipeline:
     def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None):
         m = bundle.manifest
         self.bundle = bundle
+        if threads is None:  # dream-export --tune measured the best thread count on this machine
+            threads = (m.get("runtime") or {}).get("threads")
         self.backend = make_backend(bundle, backend, threads)
         self.pre = make_preprocessor(m["preprocessing"])
         self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))

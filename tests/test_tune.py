@@ -13,12 +13,20 @@ def test_tune_writes_the_best_tree(zoo, tmp_path):
     _, bundle = zoo.with_drafter("tied_loop", "copy")
     dst = tmp_path / "bundle"
     shutil.copytree(bundle, dst)
-    chosen = tune_bundle(dst, scenes=2)
+    asked = []
+    chosen = tune_bundle(dst, scenes=2, set_tree=asked.append)
     manifest = json.loads((dst / "manifest.json").read_text())
-    table = manifest["tuning"]["candidates"]
-    assert len(table) >= 4 and all(r["verify_ms"] > 0 and r["draft_ms"] > 0 and r["accept_len"] >= 1 for r in table)
-    best = max(table, key=lambda r: r["expected_tokens_per_s"])
+    tuning = manifest["tuning"]
+    table = tuning["candidates"]
+    assert len(table) >= 4 and all(r["verify_ms"] > 0 and r["draft_ms"] > 0 and r["accept_len"] >= 1
+                                   and r["measured_tokens_per_s"] > 0 for r in table)
+    best = max(table, key=lambda r: r["measured_tokens_per_s"])  # the real loop decides, not the cost model
     assert manifest["tree"] == chosen == best["tree"]
+    assert tuning["speculation_pays"] == (best["measured_speedup"] > 1.0)
+    assert manifest["runtime"]["threads"] == tuning["threads"] and str(tuning["threads"]) in tuning["plain_tokens_per_s"]
+    # the bundle's one-call draft graph is (3, 2): any other chosen depth / top-k asks for a re-export
+    assert asked == ([] if (chosen["depth"], chosen["top_k"]) == (3, 2) else [TreeSpec(**chosen)])
+    assert [r["one_call_draft"] for r in table] == [(r["tree"]["depth"], r["tree"]["top_k"]) == (3, 2) for r in table]
     pipe = Pipeline.from_bundle(dst)  # still verifies: the manifest is not among the hashed files
     assert TreeSpec.from_json(pipe.bundle.manifest["tree"]) == TreeSpec(**chosen)
     # a repetitive target with a copy drafter accepts long paths: deeper trees must measure longer acceptance

@@ -16,6 +16,7 @@ from ..registry import store_root
 from .tiny import TinyVLMSpec, build_tiny_vlm
 
 SHIPPED = Path(__file__).with_name("smolvlm_tiny")
+SHIPPED_DRAFTER = Path(__file__).with_name("smolvlm_tiny_drafter")  # dream-train output + the tree it was tuned to
 SPEC = TinyVLMSpec()
 BUILD_TAG = "random-v1"
 
@@ -37,3 +38,20 @@ def ensure_smolvlm_tiny() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def shipped_drafter(source) -> tuple[Path, dict | None] | None:
+    """(drafter folder, default tree as JSON or None) when ``source`` is the shipped smolvlm-tiny and its
+    trained drafter ships too; dream-export then adds it unless told otherwise."""
+    import json
+
+    if not (SHIPPED_DRAFTER / "drafter_config.json").is_file():
+        return None
+    try:
+        if Path(source).resolve() != SHIPPED.resolve():
+            return None
+    except OSError:
+        return None
+    defaults = SHIPPED_DRAFTER / "bundle_defaults.json"
+    tree = json.loads(defaults.read_text()).get("tree") if defaults.is_file() else None
+    return SHIPPED_DRAFTER, tree
