@@ -73,6 +73,18 @@ def test_feature_cache_resumes(cached, monkeypatch):
     assert [p.stat().st_mtime_ns for p in again] == before  # nothing recomputed
 
 
+def test_feature_cache_refuses_other_settings(cached):
+    from dream_export.errors import DreamExportError
+
+    model, processor, out, shards, cfg = cached
+    samples = load_samples("scenes:36", seed=3)
+    with pytest.raises(DreamExportError, match="max_new_tokens"):
+        build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=12, max_new_tokens=20)
+    with pytest.raises(DreamExportError, match="model"):
+        build_cache(model, processor, samples, out / "features", cfg.mid_layer_candidates, shard_size=12,
+                    max_new_tokens=16, fingerprint={"model": "another"})
+
+
 def test_entropy_selection_picks_the_sharpest_layer():
     s, h = 4, 3
     flat = torch.full((1, 2, s, s), 1.0 / s)                  # maximal entropy

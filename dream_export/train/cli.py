@@ -12,6 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="target: alias, local folder or hub id (as dream-export)")
     p.add_argument("--data", required=True, help="JSONL of {image, prompt}, a LLaVA-style JSON, or scenes:N")
     p.add_argument("--out", type=Path, required=True, help="output folder (features/, checkpoint/, drafter/)")
+    p.add_argument("--features", type=Path, help="feature cache folder (default OUT/features); trainings of the same "
+                   "target and data may share one")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -24,6 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["dream", "concat"], default="dream",
                    help="dream (cross-attention fusion) or concat (EAGLE-style ablation, trained the same way)")
     return p
+
+
+def _weights_digest(source) -> str | None:
+    """sha256 over a local model folder's safetensors files (a retrained target must not reuse old features)."""
+    from runtime.bundle import sha256_file
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    return ",".join(f"{p.name}:{sha256_file(p)}" for p in sorted(folder.glob("*.safetensors")))
 
 
 def main(argv=None) -> int:
@@ -47,8 +59,9 @@ def main(argv=None) -> int:
         if len(samples) <= args.heldout:
             raise DreamExportError(f"--data has {len(samples)} samples; expected more than --heldout {args.heldout}")
         cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual, arch=args.arch)
-        shards = build_cache(model, processor, samples, args.out / "features", cfg.mid_layer_candidates,
-                             max_new_tokens=args.max_new_tokens)
+        fingerprint = {"model": str(source), "data": args.data, "seed": args.seed, "weights": _weights_digest(source)}
+        shards = build_cache(model, processor, samples, args.features or args.out / "features", cfg.mid_layer_candidates,
+                             max_new_tokens=args.max_new_tokens, fingerprint=fingerprint)
         examples = load_examples(shards)
         train, held = examples[: -args.heldout], examples[-args.heldout:]
         opts = TrainOptions(out=args.out, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,

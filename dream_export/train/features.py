@@ -66,12 +66,31 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
 
 
 def build_cache(model, processor, samples: list[Sample], out: Path, candidates: list[int], shard_size: int = 64,
-                max_new_tokens: int = 64) -> list[Path]:
-    """Write shards out/shard_XXXXX.safetensors; existing complete shards are kept (resume)."""
+                max_new_tokens: int = 64, fingerprint: dict | None = None) -> list[Path]:
+    """Write shards out/shard_XXXXX.safetensors; existing complete shards are kept (resume). ``fingerprint``
+    (target, data, settings) is stored in out/cache.json: a folder made for anything else is refused, so
+    several trainings (e.g. ablations) can share one cache without ever mixing targets or data."""
     from rich.progress import Progress
     from safetensors.torch import save_file
 
+    from ..errors import DreamExportError
+
     out.mkdir(parents=True, exist_ok=True)
+    stamp = {**(fingerprint or {}), "candidates": list(candidates), "max_new_tokens": max_new_tokens,
+             "shard_size": shard_size, "samples": len(samples)}
+    meta = out / "cache.json"
+    if meta.is_file():
+        have = json.loads(meta.read_text())
+        if have != stamp:
+            diff = sorted(k for k in set(have) | set(stamp) if have.get(k) != stamp.get(k))
+            raise DreamExportError(f"{out}: feature cache was built for different settings ({', '.join(diff)}); "
+                                   f"use another --features folder or delete this one")
+    elif any(out.glob("shard_*.safetensors")):
+        raise DreamExportError(f"{out}: shards without cache.json (an older or foreign cache); delete the folder")
+    else:
+        tmp_meta = meta.with_suffix(".json.tmp")
+        tmp_meta.write_text(json.dumps(stamp))
+        os.replace(tmp_meta, meta)
     model.set_attn_implementation("eager")
     shards = []
     n_shards = (len(samples) + shard_size - 1) // shard_size
