@@ -65,6 +65,17 @@ def test_training_resumes_from_checkpoint(cached):
     assert json.loads((out / "resume" / "checkpoint" / "state.json").read_text())["step"] == 9
 
 
+def test_stop_step_ends_early_on_the_same_schedule(cached):
+    """Ablations stop at the step a timed run reached: same schedule, same steps, a held-out score at the end."""
+    model, _, out, shards, cfg = cached
+    examples = load_examples(shards)
+    opts = TrainOptions(out=out / "stop", steps=40, stop_step=7, lr=1e-3, batch=2, eval_every=100, ckpt_every=100)
+    final = train_drafter(model, examples[:-4], examples[-4:], opts, cfg)
+    state = json.loads((final / "training.json").read_text())["state"]
+    assert state["step"] == 7 and [h["step"] for h in state["history"]] == [7]
+    assert json.loads((out / "stop" / "checkpoint" / "state.json").read_text())["step"] == 7
+
+
 def test_feature_cache_resumes(cached, monkeypatch):
     model, processor, out, shards, cfg = cached
     before = [p.stat().st_mtime_ns for p in shards]

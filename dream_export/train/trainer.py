@@ -40,6 +40,7 @@ class TrainOptions:
     seed: int = 0
     keep_visual: float = 0.75
     max_minutes: float | None = None
+    stop_step: int | None = None  # stop here although the schedule runs to ``steps`` (ablations matched to a timed run)
 
 
 def _keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
@@ -150,7 +151,7 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
     with Progress(TextColumn("[bold]dream-train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False) as progress:
         task = progress.add_task("train", total=opts.steps, completed=state["step"], info="")
-        while state["step"] < opts.steps:
+        while state["step"] < min(opts.steps, opts.stop_step or opts.steps):
             if opts.max_minutes and (time.time() - started) > 60 * opts.max_minutes:
                 break
             raw.train()
@@ -175,8 +176,13 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
                 state["history"].append({"step": state["step"], "heldout_accept_len": acc, **stats})
                 info += f" | held-out accept len {acc:.2f}"
             progress.update(task, completed=state["step"], info=info)
-            if state["step"] % opts.ckpt_every == 0 or state["step"] == opts.steps:
+            last = state["step"] == min(opts.steps, opts.stop_step or opts.steps)
+            if state["step"] % opts.ckpt_every == 0 or last:
                 _save_checkpoint(ckpt, raw, opt, state)
+    if heldout and state["step"] and (not state["history"] or state["history"][-1]["step"] != state["step"]):
+        # stopped by the clock or at stop_step: the held-out acceptance of what is saved
+        state["history"].append({"step": state["step"], "heldout_accept_len": chain_acceptance(raw, heldout, image_token_id, opts.keep_visual)})
+        _save_checkpoint(ckpt, raw, opt, state)
     final = out / "drafter"
     tmp = out / "drafter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
