@@ -27,13 +27,14 @@ def _scenes(count: int, seed: int):
     return list(scene_examples(seed, count))
 
 
-def run_runtime(bundle, examples, paths, speculative, max_new_tokens, threads=None, repeats: int = 1):
+def run_runtime(bundle, examples, paths, speculative, max_new_tokens, threads=None, repeats: int = 1, tree=None):
     """Per question type: tokens, end-to-end seconds (image file to last token), decode-phase seconds (first
     token to last: drafting, verifying and all bookkeeping; prefill excluded). The fastest of ``repeats``
     passes over all examples is kept (the machine's timing noise is one-sided)."""
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, threads=threads)
+    pipe.tree_spec = tree
     pipe.generate([paths[0]], examples[0][1].prompt, max_new_tokens=4, speculative=speculative)  # warm up
     best = None
     for _ in range(repeats):
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--threads", type=int, help="ORT threads for every system (default: the DREAM bundle's tuned value)")
     ap.add_argument("--repeats", type=int, default=2, help="passes per system; the fastest is kept")
+    ap.add_argument("--tree", help="N,D,K for every speculative system (default: each bundle's own tree)")
     args = ap.parse_args(argv)
     if args.threads is None:
         manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -163,7 +165,13 @@ def main(argv=None) -> int:
             from .registry import resolve_model
 
             results["transformers generate"] = run_transformers(resolve_model(args.model)[0], examples, paths, args.max_new_tokens)
-        run = lambda bundle, spec: run_runtime(bundle, examples, paths, spec, args.max_new_tokens, args.threads, args.repeats)  # noqa: E731
+        tree = None
+        if args.tree:
+            from runtime.tree import TreeSpec
+
+            tree = TreeSpec(*(int(x) for x in args.tree.split(",")))
+        run = lambda bundle, spec: run_runtime(bundle, examples, paths, spec, args.max_new_tokens, args.threads,  # noqa: E731
+                                               args.repeats, tree)
         results["runtime, no speculation"] = run(args.bundle, False)
         results["DREAM"] = run(args.bundle, True)
         for item in args.ablation:
