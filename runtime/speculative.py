@@ -257,8 +257,8 @@ class SpeculativeDecoder:
         budget = max(1, min(self.tree.total_tokens, room))
         tree = self._draft_unrolled() if self.unrolled else self._draft_stepwise(budget)
         order = self._select(tree, budget)
-        logits, hidden = self._verify(tree, order)
-        path, bonus = self._accept(tree, order, logits)
+        logits, hidden, parents = self._verify(tree, order)
+        path, bonus = self._accept(tree, order, parents, logits)
         self.dec.commit(path)
         tokens = [int(t) for t in tree.tokens[order[path[1:]]]] + [bonus]
         p0 = self.dec.length - len(path)  # the root's position
@@ -364,18 +364,16 @@ class SpeculativeDecoder:
         row_of = np.full(len(tree.tokens), -1, np.int64)
         row_of[order] = np.arange(len(order))
         p = tree.parents[order]
-        parents = np.where(p >= 0, row_of[np.maximum(p, 0)], -1)
-        self._rows = parents
+        parents = np.where(p >= 0, row_of[np.maximum(p, 0)], -1)  # each verified row's parent row
         ctx = self.dec.length
         allowed = np.concatenate([np.ones((len(order), ctx), bool), ancestor_matrix(parents)], axis=1)
         mask = np.where(allowed, np.float32(0.0), np.float32(self.pipe.mask_min))[None, None]
         positions = ctx + tree.depth[order]
         out = self.dec.run(self.pipe.embed(tree.tokens[order])[None], mask, positions)
-        return out["logits"][0], out["hidden_states"][0]
+        return out["logits"][0], out["hidden_states"][0], parents
 
-    def _accept(self, tree: DraftTree, order: np.ndarray, logits: np.ndarray):
+    def _accept(self, tree: DraftTree, order: np.ndarray, parents: np.ndarray, logits: np.ndarray):
         """Returns the accepted rows (root first) and the bonus token (see the module docstring)."""
-        parents = self._rows
         tokens = tree.tokens[order]
         if self.cfg.greedy:
             child = {(int(parents[r]), int(tokens[r])): r for r in range(1, len(order))}

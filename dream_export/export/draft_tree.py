@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .specs import DRAFTER_PAST, GraphSpec, TensorSpec
-from .validate import Check, _compare, _session
+from .drafter_export import check_cases, drafter_feeds
+from .validate import Check
 
 
 def num_candidates(depth: int, top_k: int) -> int:
@@ -124,38 +125,18 @@ def draft_tree_spec(base: GraphSpec, depth: int, top_k: int) -> GraphSpec:
 
 
 def tree_cases(cfg, spec, seed: int):
-    """(name, feeds): a prompt-like catch-up with no past, and a mid-sequence catch-up of 3 accepted tokens."""
+    """(name, feeds): a prompt-like catch-up with no past, and a mid-sequence catch-up of 3 accepted tokens
+    (causal self-attention; memory strictly earlier)."""
     rng = np.random.default_rng(seed)
-    h = cfg.hidden_size
-    mask_min = spec.extra["mask_min"]
     cases = []
     for name, past_len, q_len, mem_past, m_len in (("prefill", 0, 9, 0, 8), ("step", 12, 3, 11, 3)):
         pos = past_len + np.arange(q_len)
-        self_pos = np.concatenate([np.arange(past_len), pos])
-        mem_pos = np.arange(mem_past + m_len)
-        feeds = {
-            "inputs_embeds": rng.standard_normal((1, q_len, h)).astype(np.float32),
-            "position_ids": pos[None].astype(np.int64),
-            "attention_mask": np.where(self_pos[None] <= pos[:, None], 0, mask_min).astype(np.float32)[None, None],
-            "memory": rng.standard_normal((1, m_len, h)).astype(np.float32),
-            "cross_mask": np.where(mem_pos[None] < pos[:, None], 0, mask_min).astype(np.float32)[None, None],
-        }
-        for t in spec.inputs:
-            if t.name in spec.extra["past"]:
-                rows = mem_past if "mem" in t.name else past_len
-                feeds[t.name] = rng.standard_normal((1, t.dims[1], rows, t.dims[3])).astype(np.float32)
-        cases.append((name, feeds))
+        self_allowed = np.arange(past_len + q_len)[None] <= pos[:, None]
+        cross_allowed = np.arange(mem_past + m_len)[None] < pos[:, None]
+        cases.append((name, drafter_feeds(spec, rng, cfg.hidden_size, past_len, mem_past, self_allowed, cross_allowed)))
     return cases
 
 
 def validate_draft_tree(module, cfg, spec, path, seed: int = 0) -> list[Check]:
     """Scores and cache rows within tolerance; candidate tokens and parents must be identical."""
-    sess = _session(path)
-    names = [t.name for t in spec.inputs]
-    checks = []
-    for case, feeds in tree_cases(cfg, spec, seed):
-        with torch.no_grad():
-            ref = module(*[torch.from_numpy(feeds[n]) for n in names])
-        got = sess.run([t.name for t in spec.outputs], feeds)
-        checks += _compare("draft_tree", case, spec, ref, got)
-    return checks
+    return check_cases("draft_tree", module, spec, path, tree_cases(cfg, spec, seed))

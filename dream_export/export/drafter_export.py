@@ -52,28 +52,41 @@ def drafter_cases(cfg, spec, seed: int):
             anc = ancestor_matrix(parents)
             self_allowed[:, past_len:] = anc
             cross_allowed[:, mem_past:] = anc
-        feeds = {
-            "inputs_embeds": rng.standard_normal((1, q_len, h)).astype(np.float32),
-            "position_ids": (past_len + np.arange(q_len))[None].astype(np.int64),
-            "attention_mask": np.where(self_allowed, 0, mask_min).astype(np.float32)[None, None],
-            "memory": rng.standard_normal((1, m_len, h)).astype(np.float32),
-            "cross_mask": np.where(cross_allowed, 0, mask_min).astype(np.float32)[None, None],
-        }
-        for t in spec.inputs:
-            if t.name in spec.extra["past"]:
-                rows = mem_past if "mem" in t.name else past_len
-                feeds[t.name] = rng.standard_normal((1, t.dims[1], rows, t.dims[3])).astype(np.float32)
-        cases.append((name, feeds))
+        cases.append((name, drafter_feeds(spec, rng, h, past_len, mem_past, self_allowed, cross_allowed)))
     return cases
 
 
-def validate_drafter(module, cfg, spec, path, seed: int = 0) -> list[Check]:
+def drafter_feeds(spec, rng, hidden: int, past_len: int, mem_past: int, self_allowed, cross_allowed) -> dict:
+    """Random feeds for one call of a drafter-interface graph: Q queries at positions past_len.., M new memory
+    rows, the given allowed-masks ([Q, past_len+Q] and [Q, mem_past+M]) and random caches."""
+    q_len, m_len = self_allowed.shape[0], cross_allowed.shape[1] - mem_past
+    mask_min = spec.extra["mask_min"]
+    feeds = {
+        "inputs_embeds": rng.standard_normal((1, q_len, hidden)).astype(np.float32),
+        "position_ids": (past_len + np.arange(q_len))[None].astype(np.int64),
+        "attention_mask": np.where(self_allowed, 0, mask_min).astype(np.float32)[None, None],
+        "memory": rng.standard_normal((1, m_len, hidden)).astype(np.float32),
+        "cross_mask": np.where(cross_allowed, 0, mask_min).astype(np.float32)[None, None],
+    }
+    for t in spec.inputs:
+        if t.name in spec.extra["past"]:
+            rows = mem_past if "mem" in t.name else past_len
+            feeds[t.name] = rng.standard_normal((1, t.dims[1], rows, t.dims[3])).astype(np.float32)
+    return feeds
+
+
+def check_cases(graph: str, module, spec, path, cases) -> list[Check]:
+    """Run each (case, feeds) through the ONNX file and the PyTorch module; compare every output."""
     sess = _session(path)
     names = [t.name for t in spec.inputs]
     checks = []
-    for case, feeds in drafter_cases(cfg, spec, seed):
+    for case, feeds in cases:
         with torch.no_grad():
             ref = module(*[torch.from_numpy(feeds[n]) for n in names])
         got = sess.run([t.name for t in spec.outputs], feeds)
-        checks += _compare("drafter", case, spec, ref, got)
+        checks += _compare(graph, case, spec, ref, got)
     return checks
+
+
+def validate_drafter(module, cfg, spec, path, seed: int = 0) -> list[Check]:
+    return check_cases("drafter", module, spec, path, drafter_cases(cfg, spec, seed))
