@@ -10,8 +10,10 @@ Two stages, each moved on by held-out accuracy, never by the clock:
      shapes of each class there are. White maps near 0 (image_mean 0.9), but not to exactly 0, which
      Idefics3 would treat as a padding image.
   B. language: the tower + connector are frozen (their image tokens are cached per scene) and the text
-     model, embeddings and head learn the answers (loss on answer tokens only). Question types are
-     sampled in proportion to how often they are still answered wrongly on held-out scenes.
+     model, embeddings and head learn the answers (loss on answer tokens only). One sequence per scene
+     holds the image once and every question type as its own segment (each sees the image and itself:
+     the loss of seven single-question prompts for ~1/3 of the tokens). Question types are weighted by
+     how often they are still answered wrongly on held-out scenes.
 Everything is seeded; checkpoints (safetensors weights, optimizer state, counters) are written every
 ``--ckpt-every`` steps and a rerun with the same --out resumes from the last one.
 """
@@ -62,12 +64,12 @@ class TrainConfig:
     a_target_count_acc: float = 0.95
     a_eval_every: int = 100
     # stage B
-    b_pool_scenes: int = 6000
-    b_batch: int = 32
+    b_pool_scenes: int = 24000
+    b_batch: int = 16                    # scenes per step; every question type of each (shared prefix)
     b_lr: float = 2e-3
     b_warmup: int = 100
-    b_max_steps: int = 10000
-    b_eval_every: int = 250
+    b_max_steps: int = 6000
+    b_eval_every: int = 500
     b_eval_scenes: int = 30
     b_target: float = 0.97               # mean held-out exact accuracy that ends stage B early
     ckpt_every: int = 100
@@ -148,23 +150,43 @@ def vision_tokens(model, tiles: torch.Tensor) -> torch.Tensor:
 # --- stage B data ----------------------------------------------------------------------------------
 
 class ScenePool:
-    """Scenes with their frozen image tokens cached, plus the tokenized prompt pieces."""
+    """Scenes with their frozen image tokens cached, and the chat template split around the question.
+
+    One training sequence per scene holds the shared prefix (the user turn up to the end of the image)
+    once and then one segment per question (question, assistant header, answer), each segment seeing
+    only the prefix and itself (``shared_prefix_batch``): the same loss as one sequence per question,
+    for a fraction of the tokens, because the image tokens are most of every sequence."""
+
+    MARK = "\ue000"  # a private-use character where the question goes
 
     def __init__(self, model, processor, pre, seed: int, count: int, desc: str):
         from rich.progress import track
+
+        from runtime.chat import render, user_turn
 
         rng = np.random.default_rng(seed)
         self.items = []
         self.tok = processor.tokenizer
         self.template = processor.chat_template
         self.pre = pre
+        text = render(self.template, user_turn(1, self.MARK))
+        if text.count(self.MARK) != 1:
+            raise ValueError("the chat template must place the question text exactly once")
+        self.head, self.tail = text.split(self.MARK)
         model.eval()
         for _ in track(range(count), description=desc, transient=True):
             scene = random_scene(rng)
             img = pre.image(scene.render())
             with torch.no_grad():
                 emb = vision_tokens(model, torch.from_numpy(img.tiles)).reshape(-1, model.config.text_config.hidden_size)
-            self.items.append((scene, pre.image_text(img), emb.to(torch.float32), qa_pairs(scene, rng)))
+            image_text = pre.image_text(img)
+            prefix = self.tok(self.head.replace(pre.cfg["image_token"], image_text, 1), add_special_tokens=True)["input_ids"]
+            self.items.append((scene, image_text, emb.to(torch.float32), prefix))
+        # the split must tokenize exactly as the whole prompt does (it ends on a special token)
+        scene, image_text, _, prefix = self.items[0]
+        for qa in qa_pairs(scene, rng):
+            if prefix + self.segment(qa.prompt) != self.prompt_ids(image_text, qa.prompt):
+                raise RuntimeError("the chat template does not tokenize the same when split before the question")
 
     def prompt_ids(self, image_text: str, prompt: str) -> list[int]:
         from runtime.chat import render, user_turn
@@ -172,16 +194,74 @@ class ScenePool:
         text = render(self.template, user_turn(1, prompt)).replace(self.pre.cfg["image_token"], image_text, 1)
         return self.tok(text, add_special_tokens=True)["input_ids"]
 
-    def example(self, i: int, qtype: str, eou: int):
-        scene, image_text, emb, qas = self.items[i]
-        qa = next(q for q in qas if q.qtype == qtype)
-        p = self.prompt_ids(image_text, qa.prompt)
-        a = self.tok(" " + qa.answer, add_special_tokens=False)["input_ids"] + [eou]
-        return p, a, emb
+    def segment(self, prompt: str) -> list[int]:
+        return self.tok(prompt + self.tail, add_special_tokens=False)["input_ids"]
+
+    def answer(self, text: str, eou: int) -> list[int]:
+        return self.tok(" " + text, add_special_tokens=False)["input_ids"] + [eou]
+
+    def sequence(self, i: int, rng: np.random.Generator, eou: int, weights: dict[str, float]):
+        """The scene's prefix ids, its image tokens, and one (question ids, answer ids, weight) per question type."""
+        scene, _, emb, prefix = self.items[i]
+        segs = [(self.segment(qa.prompt), self.answer(qa.answer, eou), weights[qa.qtype]) for qa in qa_pairs(scene, rng)]
+        return prefix, emb, segs
+
+
+def shared_prefix_batch(model, seqs, image_token_id: int):
+    """inputs_embeds [B,L,H], additive mask [B,1,L,L], position ids [B,L], labels [B,L] and per-token
+    loss weights [B,L] for sequences of a shared prefix and independent question segments.
+
+    A segment attends to the prefix and causally to itself, and its positions continue from the end of
+    the prefix, so each answer is predicted exactly as from the single-question prompt. Each answer's
+    tokens share its weight equally (an answer's loss is its mean over tokens)."""
+    embed = model.model.text_model.embed_tokens
+    lengths = [len(p) + sum(len(q) + len(a) for q, a, _ in segs) for p, _, segs in seqs]
+    B, L, H = len(seqs), max(lengths), embed.weight.shape[1]
+    x = torch.zeros(B, L, H)
+    allowed = torch.zeros(B, L, L, dtype=torch.bool)
+    pos = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    wt = torch.zeros(B, L)
+    for b, (prefix, emb, segs) in enumerate(seqs):
+        ids = list(prefix)
+        n = len(prefix)
+        allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        pos[b, :n] = torch.arange(n)
+        start = n
+        for q, a, w in segs:
+            m = len(q) + len(a)
+            ids += q + a
+            allowed[b, start:start + m, :n] = True
+            allowed[b, start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            pos[b, start:start + m] = n + torch.arange(m)
+            first = start + len(q) - 1  # the question's last token predicts the answer's first
+            labels[b, first:first + len(a)] = torch.tensor(a)
+            wt[b, first:first + len(a)] = w / len(a)
+            start += m
+        ids_t = torch.tensor(ids)
+        e = embed(ids_t)
+        slots = (ids_t == image_token_id).nonzero().squeeze(1)
+        x[b, :start] = e.index_put((slots,), emb)
+        pad = torch.arange(start, L)
+        allowed[b, pad, pad] = True  # padding rows see themselves only (no empty softmax)
+    mask = torch.zeros(B, 1, L, L).masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return x, mask, pos, labels, wt
+
+
+def text_logits(model, x, mask, pos):
+    """The text model and head over a custom 4-D mask and explicit positions (HF's layers, unchanged)."""
+    tm = model.model.text_model
+    position_embeddings = tm.rotary_emb(x, pos)
+    h = x
+    for layer in tm.layers:
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=position_embeddings)
+        h = h[0] if isinstance(h, tuple) else h
+    return model.lm_head(tm.norm(h))
 
 
 def batch_embeds(model, examples, image_token_id: int):
-    """Right-padded inputs_embeds, attention mask and labels (-100 outside the answers)."""
+    """Right-padded inputs_embeds, attention mask and labels (-100 outside the answers): one sequence per
+    question (the reference the shared-prefix batch is tested against)."""
     embed = model.model.text_model.embed_tokens
     L = max(len(p) + len(a) for p, a, _ in examples)
     H = embed.weight.shape[1]
@@ -334,18 +414,16 @@ def stage_b(cfg: TrainConfig, model, processor, pre, out: Path, state: dict, opt
     acc = state.get("b_acc") or {t: 0.0 for t in QUESTION_TYPES}
     while state["b_step"] < cfg.b_max_steps and time.time() < deadline:
         model.train()
-        # curriculum by accuracy: a type is sampled in proportion to how often it is still wrong (floor 0.3)
-        need = np.array([1.0 - acc.get(t, 0.0) + 0.3 for t in QUESTION_TYPES])
-        types = rng.choice(len(QUESTION_TYPES), size=cfg.b_batch, p=need / need.sum())
+        # every question type of each scene, weighted by how often it is still wrong (floor 0.3)
+        need = {t: 1.0 - acc.get(t, 0.0) + 0.3 for t in QUESTION_TYPES}
+        mean_need = sum(need.values()) / len(need)
+        weights = {t: v / mean_need for t, v in need.items()}
         idx = rng.integers(len(pool.items), size=cfg.b_batch)
-        examples = [pool.example(int(i), QUESTION_TYPES[int(t)], eou) for i, t in zip(idx, types)]
-        x, mask, labels = batch_embeds(model, examples, image_token_id)
-        hidden = model.model.text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden)
-        # mean over each answer's tokens, then over answers: long captions must not drown one-word facts
+        seqs = [pool.sequence(int(i), rng, eou, weights) for i in idx]
+        x, mask, pos, labels, wt = shared_prefix_batch(model, seqs, image_token_id)
+        logits = text_logits(model, x, mask, pos)
         tok_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B,L]
-        n_tok = (labels != -100).sum(1).clamp(min=1)
-        loss = (tok_loss.sum(1) / n_tok).mean()
+        loss = (tok_loss * wt).sum() / sum(w for _, _, segs in seqs for _, _, w in segs)
         for g in opt.param_groups:
             g["lr"] = cfg.b_lr * sched(state["b_step"])
         opt.zero_grad()

@@ -5,12 +5,18 @@ import pytest
 
 from dream_export.presets.tiny import TinyVLMSpec
 
-# Two tiny SmolVLM configs built offline: image splitting on (multi-head), and grouped-query attention
-# with splitting off and tied embeddings.
+# Tiny SmolVLM configs built offline: image splitting on (multi-head), grouped-query attention with
+# splitting off and tied embeddings, and the vision layouts (tile, patch, pixel shuffle) of the real checkpoints.
 CONFIGS = {
     "split_mha": TinyVLMSpec(text_layers=3, heads=4, kv_heads=4, image_splitting=True, init_std=0.1, seed=1, max_positions=1024),
     "gqa_nosplit": TinyVLMSpec(text_layers=3, heads=4, kv_heads=2, image_splitting=False, tie_embeddings=True,
                                init_std=0.1, seed=2, max_positions=1024),
+    # the vision layouts of the real checkpoints, scaled down: SmolVLM-Instruct (2B) has 384-px tiles,
+    # 14-px patches and pixel shuffle x3; SmolVLM-256M/500M 512-px tiles, 16-px patches and x4
+    "layout_2b": TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, tile=84, patch=14, scale_factor=3, longest_edge=168,
+                             init_std=0.1, seed=4, max_positions=1024),
+    "layout_256m": TinyVLMSpec(text_layers=2, heads=4, kv_heads=2, tile=128, patch=16, scale_factor=4, longest_edge=256,
+                               init_std=0.1, seed=5, max_positions=1024),
 }
 
 
