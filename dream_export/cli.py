@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
     d.add_argument("--tune", action="store_true",
                    help="measure verify/draft costs and acceptance on this machine and write the best tree to the manifest")
+    d.add_argument("--draft-precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the target "
+                        "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
     d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
         export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=drafter,
-                                                                   tree=tree, keep_visual=args.keep_visual), quiet=args.quiet)
+                                                                   tree=tree, keep_visual=args.keep_visual,
+                                                                   draft_precision=args.draft_precision), quiet=args.quiet)
         if args.tune:
             if drafter is None:
                 raise DreamExportError("--tune needs --drafter: it picks the draft tree")

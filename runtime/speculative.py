@@ -85,6 +85,16 @@ class _Positions:
         self.length += n
 
 
+def tree_graph_for(backend, manifest: dict) -> str | None:
+    """The one-call draft graph this backend runs: the quantized ORT-CPU twin when the bundle has one and
+    the backend is ONNX Runtime on a CPU, otherwise the float (TensorRT-parsable) graph."""
+    info = manifest.get("drafter") or {}
+    ort_cpu = info.get("tree_graph_ort_cpu")
+    if ort_cpu and ort_cpu in manifest["graphs"] and getattr(backend, "name", "") == "onnxruntime" and backend.cpu_only:
+        return ort_cpu
+    return info.get("tree_graph")
+
+
 class DrafterState:
     """The drafter's caches: its own token stream (self-attention K/V of blocks 0 and 2) and the memory
     (cross-attention K/V of target or drafted features), each with the positions of its entries."""
@@ -92,7 +102,7 @@ class DrafterState:
     def __init__(self, pipe, info: dict):
         self.backend = pipe.backend
         self.spec = pipe.bundle.graph(info["graph"])
-        self.tree_graph = info.get("tree_graph")
+        self.tree_graph = tree_graph_for(pipe.backend, pipe.bundle.manifest)
         self.mask_min = float(self.spec["mask_min"])
         shapes = {t["name"]: t["shape"] for t in self.spec["inputs"]}
         cap = 256
@@ -198,7 +208,7 @@ class SpeculativeDecoder:
         self.info = pipe.bundle.manifest["drafter"]
         self.drafter = DrafterState(pipe, self.info)
         self.dec = pipe.new_decoder(slack=tree.total_tokens)
-        graph = pipe.bundle.manifest["graphs"].get(self.info.get("tree_graph") or "", {})
+        graph = pipe.bundle.manifest["graphs"].get(self.drafter.tree_graph or "", {})
         fits = bool(graph) and (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
         if unrolled and not fits:
             from .errors import BundleError

@@ -56,9 +56,9 @@ def draft_cost(pipe, tree: TreeSpec, context: int, accepted: int) -> tuple[float
     from .speculative import DrafterState
 
     info = pipe.bundle.manifest["drafter"]
-    graph = pipe.bundle.manifest["graphs"].get(info.get("tree_graph") or "", {})
-    unrolled = (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
     state = DrafterState(pipe, info)
+    graph = pipe.bundle.manifest["graphs"].get(state.tree_graph or "", {})
+    unrolled = (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
     h = pipe.text["hidden_size"]
     rng = np.random.default_rng(1)
     state.catch_up(rng.standard_normal((context + 1, h)).astype(np.float32), list(range(context + 1)),

@@ -134,3 +134,58 @@ def test_set_draft_tree_keeps_the_bundle_valid(zoo, tmp_path):
     assert m["tree"] == {"total_tokens": 10, "depth": 5, "top_k": 2}
     assert (m["graphs"]["draft_tree"]["depth"], m["graphs"]["draft_tree"]["top_k"]) == (5, 2)
     assert not (dst / old).exists() and old not in m["files"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_draft_graph_is_lossless_and_runs_on_ort_cpu(zoo, images, tmp_path, precision):
+    """--draft-precision: an ORT-CPU twin of the draft graph with MatMulNBits weights. The runtime uses it on
+    ORT-CPU; greedy output still equals plain decoding (the target verifies every proposal); re-exporting
+    the tree keeps the precision and leaves no stale file."""
+    import json
+
+    from dream_export.export.exporter import ExportOptions, export_bundle, load_target, set_draft_tree
+    from runtime.bundle import Bundle
+    from runtime.speculative import tree_graph_for
+
+    model_dir, _ = zoo.with_drafter("tied_loop", "copy")
+    ddir = zoo._built["tied_loop+copy"][2]
+    model, processor = load_target(str(model_dir))
+    tree = TreeSpec(8, 3, 2)
+    bundle = export_bundle(model, processor, {"model": "q"}, ExportOptions(out=tmp_path / "b", drafter=ddir, tree=tree,
+                                                                             draft_precision=precision), quiet=True)
+    m = json.loads((bundle / "manifest.json").read_text())
+    q = m["graphs"]["draft_tree_ort_cpu"]
+    assert m["drafter"]["draft_precision"] == precision and m["drafter"]["tree_graph_ort_cpu"] == "draft_tree_ort_cpu"
+    assert "com.microsoft::MatMulNBits" in q["non_standard"] and q["file"].endswith(f"_{precision}.onnx")
+    assert not m["graphs"]["draft_tree"]["non_standard"]  # the TensorRT graph stays float and standard
+    pipe = Pipeline.from_bundle(bundle)
+    pipe.tree_spec = tree
+    assert tree_graph_for(pipe.backend, pipe.bundle.manifest) == "draft_tree_ort_cpu"
+    accepted = 0
+    for names, prompt_idx in PAIRS[:10]:
+        paths = [str(images[n]) for n in names]
+        spec = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW)
+        plain = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=False)
+        assert spec.token_ids == plain.token_ids, names
+        accepted += sum(a - 1 for a in spec.accept_lengths)
+    assert accepted > 0
+    assert "draft_tree_ort_cpu" in pipe.backend._sessions and "draft_tree" not in pipe.backend._sessions
+
+    old = q["file"]
+    set_draft_tree(bundle, model, processor, ddir, TreeSpec(6, 5, 1))
+    m = Bundle.load(bundle).manifest  # every hash still matches
+    assert (m["graphs"]["draft_tree_ort_cpu"]["depth"], m["graphs"]["draft_tree_ort_cpu"]["top_k"]) == (5, 1)
+    assert m["graphs"]["draft_tree_ort_cpu"]["file"].endswith(f"_{precision}.onnx")
+    assert not (bundle / old).exists() and old not in m["files"]
+
+
+def test_unknown_draft_precision_is_refused(zoo, tmp_path):
+    from dream_export.errors import DreamExportError
+    from dream_export.export.exporter import ExportOptions, export_bundle, load_target
+
+    model_dir, _ = zoo.with_drafter("tied_loop", "copy")
+    model, processor = load_target(str(model_dir))
+    with pytest.raises(DreamExportError, match="int16.*fp32, int8, int4"):
+        export_bundle(model, processor, {"model": "q"}, ExportOptions(out=tmp_path / "b", drafter=zoo._built["tied_loop+copy"][2],
+                                                                       draft_precision="int16"), quiet=True)
+    assert not (tmp_path / "b").exists()

@@ -140,3 +140,40 @@ def tree_cases(cfg, spec, seed: int):
 def validate_draft_tree(module, cfg, spec, path, seed: int = 0) -> list[Check]:
     """Scores and cache rows within tolerance; candidate tokens and parents must be identical."""
     return check_cases("draft_tree", module, spec, path, tree_cases(cfg, spec, seed))
+
+
+def quantized_tree_spec(t_spec: GraphSpec, precision: str) -> GraphSpec:
+    """The ORT-CPU twin of a draft-tree graph: same I/O, weight-only quantized MatMuls."""
+    from dataclasses import replace
+
+    stem = t_spec.file[: -len(".onnx")]
+    return replace(t_spec, name="draft_tree_ort_cpu", file=f"{stem}_{precision}.onnx",
+                   extra={**t_spec.extra, "precision": precision})
+
+
+def validate_quantized_tree(cfg, t_spec, float_path, q_spec, q_path, seed: int = 0) -> list[Check]:
+    """Same feeds through the float and the quantized graph: every output finite, the catch-up K/V rows
+    within RELATIVE_TOLERANCE x their largest magnitude. The tree itself may differ (it is a proposal the
+    target verifies); how much it differs shows up in acceptance, which ``--tune`` measures."""
+    import onnxruntime as ort
+
+    from .quantize import RELATIVE_TOLERANCE
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref_sess = ort.InferenceSession(str(float_path), so, providers=["CPUExecutionProvider"])
+    q_sess = ort.InferenceSession(str(q_path), so, providers=["CPUExecutionProvider"])
+    rel = RELATIVE_TOLERANCE[q_spec.extra["precision"]]
+    names = [t.name for t in t_spec.outputs]
+    checks = []
+    for case, feeds in tree_cases(cfg, t_spec, seed):
+        ref = dict(zip(names, ref_sess.run(names, feeds)))
+        got = dict(zip(names, q_sess.run(names, feeds)))
+        for name in names:
+            finite = bool(np.isfinite(got[name]).all())
+            if name.startswith("present_"):
+                diff = float(np.abs(got[name] - ref[name]).max()) if finite else float("inf")
+                checks.append(Check("draft_tree_ort_cpu", case, name, diff, rel * float(np.abs(ref[name]).max() + 1e-6)))
+            else:
+                checks.append(Check("draft_tree_ort_cpu", case, f"{name} (finite)", 0.0 if finite else float("inf"), 0.0))
+    return checks

@@ -35,6 +35,7 @@ class ExportOptions:
     drafter: Path | None = None    # a DREAM drafter folder (dream-train output) to add
     tree: "TreeSpec | None" = None
     keep_visual: float | None = None  # override the drafter config's visual token compression
+    draft_precision: str = "fp32"     # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
 
 
 class _Stages:
@@ -133,7 +134,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             checks += dr_checks
             for spec in dr_specs:
                 inv = op_inventory(tmp / spec.file)
-                if inv["non_standard"] or inv["not_trt_parsable"]:
+                ort_only = spec.name.endswith("_ort_cpu")  # by design: recorded, not required to parse in TensorRT
+                if not ort_only and (inv["non_standard"] or inv["not_trt_parsable"]):
                     raise DreamExportError(f"{spec.file}: ops TensorRT cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}")
                 graphs[spec.name] = {**spec.to_json(), **inv}
         _print_checks(stages, checks)
@@ -215,27 +217,37 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         export_graph(DrafterGraph(LeanDrafter(drafter)).eval(), spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
     with stages.stage("check drafter.onnx against the PyTorch drafter (catch-up, step, tree level)"):
         checks = validate_drafter(DrafterGraph(drafter).eval(), cfg, spec, tmp / spec.file, opts.seed)
-    t_spec, t_checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, spec, tree, tmp, stages, opts.seed)
+    t_specs, t_checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, spec, tree, tmp, stages, opts.seed,
+                                           opts.draft_precision)
     checks += t_checks
     if cfg.draft_vocab:
         np.save(tmp / "draft_to_target.npy", np.asarray(cfg.draft_vocab, dtype=np.int64))
     info = {
         "graph": "drafter",
         "tree_graph": "draft_tree",
+        # ORT on a CPU runs this one instead when present (quantized weights; TensorRT keeps draft_tree)
+        "tree_graph_ort_cpu": "draft_tree_ort_cpu" if len(t_specs) > 1 else None,
+        "draft_precision": opts.draft_precision,
         "config": asdict(cfg),
         "keep_visual": float(opts.keep_visual if opts.keep_visual is not None else cfg.keep_visual),
         "draft_to_target": "draft_to_target.npy" if cfg.draft_vocab else None,
         "source": str(opts.drafter),
     }
-    return info, (spec, t_spec), checks
+    return info, (spec, *t_specs), checks
 
 
-def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, folder: Path, stages, seed: int):
-    from .draft_tree import DraftTreeGraph, draft_tree_spec, validate_draft_tree
+def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, folder: Path, stages, seed: int,
+                       precision: str = "fp32"):
+    """The one-call draft graph (checked against the HF-module drafter) and, for int8/int4, its ORT-CPU
+    quantized twin (checked against the float graph). Returns ([specs], checks)."""
+    from .draft_tree import DraftTreeGraph, draft_tree_spec, quantized_tree_spec, validate_draft_tree, validate_quantized_tree
     from .drafter_export import drafter_dummy
+    from .quantize import PRECISIONS, quantize_matmuls
 
     from ..drafter.lean import LeanDrafter
 
+    if precision not in PRECISIONS:
+        raise DreamExportError(f"draft precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     t_spec = draft_tree_spec(drafter_spec_, tree.depth, tree.top_k)
     mask_min = drafter_spec_.extra["mask_min"]
     lean = DraftTreeGraph(LeanDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min).eval()
@@ -244,7 +256,15 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
         export_graph(lean, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
     with stages.stage(f"check {t_spec.file} against the PyTorch drafter (prompt catch-up, step catch-up)"):
         checks = validate_draft_tree(reference, drafter.config, t_spec, folder / t_spec.file, seed)
-    return t_spec, checks
+    specs = [t_spec]
+    if PRECISIONS[precision]:
+        q_spec = quantized_tree_spec(t_spec, precision)
+        with stages.stage(f"{precision} weights (MatMulNBits, ORT-CPU only) → {q_spec.file}"):
+            quantize_matmuls(folder / t_spec.file, folder / q_spec.file, PRECISIONS[precision])
+        with stages.stage(f"check {q_spec.file} against {t_spec.file}"):
+            checks += validate_quantized_tree(drafter.config, t_spec, folder / t_spec.file, q_spec, folder / q_spec.file, seed)
+        specs.append(q_spec)
+    return specs, checks
 
 
 def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: TreeSpec, quiet: bool = True) -> Path:
@@ -267,22 +287,27 @@ def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: 
     base = GraphSpec("drafter", g["file"], tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]),
                      tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]), g["atol"],
                      {k: g[k] for k in ("past", "present", "mask_min")})
+    precision = manifest["drafter"].get("draft_precision") or "fp32"
+    replaced = []  # (spec, old file)
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
-        t_spec, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0)
+        specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision)
         raise_on_mismatch(checks)
-        inv = op_inventory(Path(tmp) / t_spec.file)
-        os.replace(Path(tmp) / t_spec.file, bundle_dir / t_spec.file)
-    old = manifest["graphs"].get(t_spec.name, {}).get("file")
-    manifest["graphs"][t_spec.name] = {**t_spec.to_json(), **inv}
+        for spec in specs:
+            inv = op_inventory(Path(tmp) / spec.file)
+            os.replace(Path(tmp) / spec.file, bundle_dir / spec.file)
+            replaced.append((spec.file, manifest["graphs"].get(spec.name, {}).get("file")))
+            manifest["graphs"][spec.name] = {**spec.to_json(), **inv}
+            manifest["files"][spec.file] = sha256_file(bundle_dir / spec.file)
     manifest["tree"] = tree.to_json()
-    manifest["files"][t_spec.file] = sha256_file(bundle_dir / t_spec.file)
-    if old != t_spec.file:
-        manifest["files"].pop(old, None)
+    for new_file, old in replaced:
+        if old and old != new_file:
+            manifest["files"].pop(old, None)
     part = bundle_dir / (MANIFEST + ".part")
     part.write_text(json.dumps(manifest, indent=1))
     os.replace(part, bundle_dir / MANIFEST)
-    if old and old != t_spec.file:
-        (bundle_dir / old).unlink(missing_ok=True)
+    for new_file, old in replaced:
+        if old and old != new_file:
+            (bundle_dir / old).unlink(missing_ok=True)
     return bundle_dir
 
 
