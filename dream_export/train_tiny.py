@@ -259,26 +259,6 @@ def text_logits(model, x, mask, pos):
     return model.lm_head(tm.norm(h))
 
 
-def batch_embeds(model, examples, image_token_id: int):
-    """Right-padded inputs_embeds, attention mask and labels (-100 outside the answers): one sequence per
-    question (the reference the shared-prefix batch is tested against)."""
-    embed = model.model.text_model.embed_tokens
-    L = max(len(p) + len(a) for p, a, _ in examples)
-    H = embed.weight.shape[1]
-    x = torch.zeros(len(examples), L, H)
-    mask = torch.zeros(len(examples), L, dtype=torch.long)
-    labels = torch.full((len(examples), L), -100, dtype=torch.long)
-    for b, (p, a, emb) in enumerate(examples):
-        ids = torch.tensor(p + a)
-        e = embed(ids)
-        slots = (ids == image_token_id).nonzero().squeeze(1)
-        e = e.index_put((slots,), emb)
-        x[b, : len(ids)] = e
-        mask[b, : len(ids)] = 1
-        labels[b, len(p) - 1: len(ids) - 1] = torch.tensor(a)  # position t predicts token t+1
-    return x, mask, labels
-
-
 # --- evaluation --------------------------------------------------------------------------------------
 
 @torch.no_grad()

@@ -131,7 +131,7 @@ class FusedOrtDecoder(DecoderRunner):
 def make_decoder(backend, bundle, capacity: int, fused: bool | None = None) -> DecoderRunner:
     graphs = bundle.manifest["graphs"]
     text = bundle.manifest["text"]
-    can_fuse = FusedOrtDecoder.GRAPH in graphs and getattr(backend, "name", "") == "onnxruntime" and backend.cpu_only
+    can_fuse = FusedOrtDecoder.GRAPH in graphs and backend.ort_cpu
     if fused is None:
         fused = can_fuse
     if fused and not can_fuse:

@@ -90,7 +90,7 @@ def tree_graph_for(backend, manifest: dict) -> str | None:
     the backend is ONNX Runtime on a CPU, otherwise the float (TensorRT-parsable) graph."""
     info = manifest.get("drafter") or {}
     ort_cpu = info.get("tree_graph_ort_cpu")
-    if ort_cpu and ort_cpu in manifest["graphs"] and getattr(backend, "name", "") == "onnxruntime" and backend.cpu_only:
+    if ort_cpu and ort_cpu in manifest["graphs"] and backend.ort_cpu:
         return ort_cpu
     return info.get("tree_graph")
 

@@ -8,7 +8,7 @@ from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
 from dream_export.presets.tiny import build_tiny_vlm
 from dream_export.targets import adapter_for
-from dream_export.train_tiny import TINY_SPEC, ScenePool, batch_embeds, shared_prefix_batch, text_logits
+from dream_export.train_tiny import TINY_SPEC, ScenePool, shared_prefix_batch, text_logits
 from runtime.preprocess import Idefics3Preprocessor
 
 
@@ -21,6 +21,23 @@ def _setup(tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "init")
     pre = Idefics3Preprocessor(adapter_for(model, processor).preprocessing())
     return model, processor, pre
+
+
+def batch_embeds(model, examples, image_token_id: int):
+    """The reference: one right-padded sequence per question (inputs_embeds, attention mask, labels -100
+    outside the answers), run through transformers' own causal-mask path."""
+    embed = model.model.text_model.embed_tokens
+    L = max(len(p) + len(a) for p, a, _ in examples)
+    x = torch.zeros(len(examples), L, embed.weight.shape[1])
+    mask = torch.zeros(len(examples), L, dtype=torch.long)
+    labels = torch.full((len(examples), L), -100, dtype=torch.long)
+    for b, (p, a, emb) in enumerate(examples):
+        ids = torch.tensor(p + a)
+        slots = (ids == image_token_id).nonzero().squeeze(1)
+        x[b, : len(ids)] = embed(ids).index_put((slots,), emb)
+        mask[b, : len(ids)] = 1
+        labels[b, len(p) - 1: len(ids) - 1] = torch.tensor(a)  # position t predicts token t+1
+    return x, mask, labels
 
 
 def test_shared_prefix_batch_equals_one_sequence_per_question(tmp_path):

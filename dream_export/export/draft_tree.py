@@ -155,14 +155,10 @@ def validate_quantized_tree(cfg, t_spec, float_path, q_spec, q_path, seed: int =
     """Same feeds through the float and the quantized graph: every output finite, the catch-up K/V rows
     within RELATIVE_TOLERANCE x their largest magnitude. The tree itself may differ (it is a proposal the
     target verifies); how much it differs shows up in acceptance, which ``--tune`` measures."""
-    import onnxruntime as ort
-
     from .quantize import RELATIVE_TOLERANCE
+    from .validate import _session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref_sess = ort.InferenceSession(str(float_path), so, providers=["CPUExecutionProvider"])
-    q_sess = ort.InferenceSession(str(q_path), so, providers=["CPUExecutionProvider"])
+    ref_sess, q_sess = _session(float_path), _session(q_path)
     rel = RELATIVE_TOLERANCE[q_spec.extra["precision"]]
     names = [t.name for t in t_spec.outputs]
     checks = []

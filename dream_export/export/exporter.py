@@ -133,25 +133,12 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             drafter_info, dr_specs, dr_checks = _export_drafter(adapter, opts, tmp, stages)
             checks += dr_checks
             for spec in dr_specs:
-                inv = op_inventory(tmp / spec.file)
-                ort_only = spec.name.endswith("_ort_cpu")  # by design: recorded, not required to parse in TensorRT
-                if not ort_only and (inv["non_standard"] or inv["not_trt_parsable"]):
-                    raise DreamExportError(f"{spec.file}: ops TensorRT cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}")
-                graphs[spec.name] = {**spec.to_json(), **inv}
+                graphs[spec.name] = _inventory_checked(spec, tmp)
         _print_checks(stages, checks)
         raise_on_mismatch(checks)
         for spec in (v_spec, d_spec, f_spec):
-            if spec is None:
-                continue
-            inv = op_inventory(tmp / spec.file)
-            if spec is f_spec:  # ORT-only by design: record it, don't require TensorRT ops
-                graphs[spec.name] = {**spec.to_json(), **inv}
-                continue
-            if inv["non_standard"] or inv["not_trt_parsable"]:
-                raise DreamExportError(
-                    f"{spec.file}: ops TensorRT 8.6/10 cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}"
-                )
-            graphs[spec.name] = {**spec.to_json(), **inv}
+            if spec is not None:
+                graphs[spec.name] = _inventory_checked(spec, tmp)
         with stages.stage("embeddings, tokenizer, manifest"):
             emb = adapter.embed_tokens().weight.detach().float().numpy()
             np.save(tmp / "embed_tokens.npy", emb)
@@ -193,6 +180,15 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _inventory_checked(spec, folder: Path) -> dict:
+    """The graph's manifest entry with its op inventory. Graphs named ``*_ort_cpu`` are ONNX-Runtime-only by
+    design (com.microsoft ops); every other graph must be parsable by TensorRT 8.6/10."""
+    inv = op_inventory(folder / spec.file)
+    if not spec.name.endswith("_ort_cpu") and (inv["non_standard"] or inv["not_trt_parsable"]):
+        raise DreamExportError(f"{spec.file}: ops TensorRT 8.6/10 cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}")
+    return {**spec.to_json(), **inv}
 
 
 def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
@@ -288,15 +284,15 @@ def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: 
                      tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]), g["atol"],
                      {k: g[k] for k in ("past", "present", "mask_min")})
     precision = manifest["drafter"].get("draft_precision") or "fp32"
-    replaced = []  # (spec, old file)
+    replaced = []  # (new file, old file)
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
         specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision)
         raise_on_mismatch(checks)
         for spec in specs:
-            inv = op_inventory(Path(tmp) / spec.file)
+            entry = _inventory_checked(spec, Path(tmp))
             os.replace(Path(tmp) / spec.file, bundle_dir / spec.file)
             replaced.append((spec.file, manifest["graphs"].get(spec.name, {}).get("file")))
-            manifest["graphs"][spec.name] = {**spec.to_json(), **inv}
+            manifest["graphs"][spec.name] = entry
             manifest["files"][spec.file] = sha256_file(bundle_dir / spec.file)
     manifest["tree"] = tree.to_json()
     for new_file, old in replaced:

@@ -10,6 +10,7 @@ from ..errors import BundleError
 
 class Backend:
     name = "base"
+    ort_cpu = False  # ONNX Runtime on the CPU only: the bundle's *_ort_cpu graphs apply
 
     def __init__(self, bundle):
         self.bundle = bundle

@@ -17,7 +17,7 @@ class OrtBackend(Backend):
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     @property
-    def cpu_only(self) -> bool:
+    def ort_cpu(self) -> bool:
         return self.providers == ["CPUExecutionProvider"]
 
     def session(self, graph: str) -> ort.InferenceSession:
