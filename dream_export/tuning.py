@@ -10,11 +10,13 @@ from pathlib import Path
 from runtime.bundle import MANIFEST
 
 
-def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_tree=None) -> dict:
+def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_tree=None, samples=None,
+                max_new_tokens: int = 48) -> dict:
     """Measure on calibration scenes (runtime.tune), then record the tree, the ORT thread count and the
     table in the manifest. ``set_tree(TreeSpec)`` re-exports the one-call draft graph when the chosen
     depth / top-k differ from the exported one (dream-export passes it; without it the runtime drafts
-    depth by depth for that tree)."""
+    depth by depth for that tree). ``samples`` ((image paths, prompt) pairs, e.g. from ``--tune-data``)
+    replace the scenes: tune on what the bundle will answer."""
     import numpy as np
 
     from runtime.pipeline import Pipeline
@@ -24,14 +26,16 @@ def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_t
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        samples = []
-        for i in range(scenes):
-            scene = random_scene(rng)
-            path = Path(tmp) / f"calib{i}.png"
-            scene.render().save(path)
-            qa = qa_pairs(scene, rng)[i % 7]
-            samples.append(([str(path)], qa.prompt))
-        result = tune(lambda threads: Pipeline.from_bundle(bundle_dir, threads=threads), samples)
+        if samples is None:
+            samples = []
+            for i in range(scenes):
+                scene = random_scene(rng)
+                path = Path(tmp) / f"calib{i}.png"
+                scene.render().save(path)
+                qa = qa_pairs(scene, rng)[i % 7]
+                samples.append(([str(path)], qa.prompt))
+        result = tune(lambda threads: Pipeline.from_bundle(bundle_dir, threads=threads), samples,
+                      max_new_tokens=max_new_tokens)
     from runtime.tree import TreeSpec
 
     mpath = Path(bundle_dir) / MANIFEST
@@ -42,7 +46,11 @@ def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_t
     manifest = json.loads(mpath.read_text())
     manifest["tree"] = result["chosen"]
     manifest["tuning"] = result
-    manifest["runtime"] = {**manifest.get("runtime", {}), "threads": result["threads"]}
+    manifest["runtime"] = {**manifest.get("runtime", {}), "threads": result["threads"],
+                           "speculative": bool(result["speculation_pays"]),
+                           "speculative_note": None if result["speculation_pays"] else (
+                               f"dream-export --tune measured speculative decoding at {result['measured_speedup']:.2f}x "
+                               f"of plain decoding on this machine")}
     tmp_path = mpath.with_suffix(".json.part")
     tmp_path.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp_path, mpath)

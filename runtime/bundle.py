@@ -57,7 +57,7 @@ class Bundle:
         if not isinstance(files, dict) or not files:
             raise BundleError(f"{self.path / MANIFEST}: field 'files' is missing or empty")
         for name, digest in files.items():
-            fpath = self.path / name
+            fpath = self._inside(name)
             if not fpath.is_file():
                 raise BundleError(f"{fpath}: listed in the manifest but missing from the bundle")
             actual = sha256_file(fpath)
@@ -67,7 +67,39 @@ class Bundle:
                 )
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """A file of the bundle: listed (and so sha256-verified) in the manifest's ``files`` and inside the folder.
+        Anything else (an absolute path, ``..``, a link out of the folder, an unlisted name) is refused."""
+        files = self.manifest.get("files") or {}
+        if not isinstance(name, str) or name not in files:
+            raise BundleError(f"{self.path / MANIFEST}: refers to {name!r}, which is not in its 'files' list "
+                              f"(every file the runtime opens must be listed there with its sha256)")
+        return self._inside(name)
+
+    def _inside(self, name) -> Path:
+        """``name`` as a path inside the bundle folder, links resolved; anything that leaves it is refused."""
+        if not isinstance(name, str) or not name:
+            raise BundleError(f"{self.path / MANIFEST}: file name {name!r}; expected a file name inside the bundle")
+        path = self.path / name
+        root = self.path.resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or root not in path.resolve().parents:
+            raise BundleError(f"{self.path / MANIFEST}: file {name!r} lies outside the bundle folder {self.path} "
+                              f"(absolute, '..' or a link out of it); expected a file inside the folder")
+        return path
+
+    def array(self, entry: dict):
+        """A read-only array the manifest describes: ``{"file", "offset", "shape", "dtype"}`` (a slice of a weight
+        file, memory-mapped) or ``{"file"}`` of a .npy file (loaded without pickle)."""
+        import numpy as np
+
+        path = self.file(entry["file"])
+        if "offset" not in entry:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        dtype, shape, offset = np.dtype(entry["dtype"]), tuple(int(d) for d in entry["shape"]), int(entry["offset"])
+        need = offset + dtype.itemsize * int(np.prod(shape))
+        if offset < 0 or path.stat().st_size < need:
+            raise BundleError(f"{path}: {entry.get('dtype')} {list(shape)} at offset {offset} needs {need} bytes; "
+                              f"the file has {path.stat().st_size}")
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
     def graph(self, name: str) -> dict:
         graphs = self.manifest.get("graphs", {})

@@ -9,15 +9,18 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt about image(s) with an exported bundle.")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE [IMAGE ...] PROMPT", help="image files, then the prompt")
+    p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt, about image(s) or text only, with an exported bundle.")
+    p.add_argument("inputs", nargs="+", metavar="[IMAGE ...] PROMPT", help="image files (none for a text-only prompt), then the prompt")
     p.add_argument("--bundle", type=Path, help="bundle folder (default: the most recent bundle in the store)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--no-speculative", action="store_true", help="plain decoding even when the bundle has a drafter")
+    spec = gen.add_mutually_exclusive_group()
+    spec.add_argument("--no-speculative", action="store_true", help="plain decoding even when the bundle has a drafter")
+    spec.add_argument("--speculative", action="store_true",
+                      help="decode with the drafter even where the bundle records that it measured slower on this machine")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -30,8 +33,6 @@ def main(argv=None) -> int:
     from .errors import RuntimeErrorBase
     from .store import store_root
 
-    if len(args.inputs) < 2:
-        parser.error("expected at least one IMAGE and then a PROMPT")
     *images, prompt = args.inputs
     try:
         from .pipeline import Pipeline
@@ -47,10 +48,13 @@ def main(argv=None) -> int:
                 )
             print(f"dream-run: using bundle {bundle}", file=sys.stderr)
         pipe = Pipeline.from_bundle(bundle, threads=args.threads)
+        speculative = False if args.no_speculative else True if args.speculative else None
+        if speculative is None and pipe.speculative_note:
+            print(f"dream-run: {pipe.speculative_note}; decoding without the drafter (--speculative uses it)", file=sys.stderr)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      speculative=False if args.no_speculative else None)
+                      speculative=speculative)
         if args.json:
-            print(json.dumps(pipe.generate(images, prompt, **kwargs).to_json()))
+            print(json.dumps({**pipe.generate(images, prompt, **kwargs).to_json(), "load_ms": round(pipe.load_ms, 3)}))
         else:
             for event in pipe.stream(images, prompt, **kwargs):
                 sys.stdout.write(event.text)

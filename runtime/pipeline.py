@@ -35,6 +35,7 @@ class GenerationResult:
     ttft_ms: float = 0.0
     decode_s: float = 0.0
     accept_lengths: list[int] | None = None   # tokens emitted per target call (speculative decoding only)
+    speculative: bool = False
 
     @property
     def num_new_tokens(self) -> int:
@@ -54,13 +55,22 @@ class GenerationResult:
             "stop_reason": self.stop_reason,
             "ttft_ms": round(self.ttft_ms, 3),
             "tokens_per_s": round(self.tokens_per_s, 3),
+            "speculative": self.speculative,
             **({"mean_accept_length": round(float(np.mean(self.accept_lengths)), 4) if self.accept_lengths else 0.0,
                 "accept_lengths": self.accept_lengths} if self.accept_lengths is not None else {}),
         }
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None):
+    """Loading creates every ONNX Runtime session the default decoding path uses (``warm``), so that
+    ``ttft_ms`` and ``tokens_per_s`` never include setup; ``load_ms`` is that setup (manifest, sha256 checks,
+    sessions). ``speculative_default`` is what ``generate(speculative=None)`` does: decode with the drafter
+    unless the bundle has none or its manifest records that speculation measured slower on this machine
+    (``dream-export --tune``, or the measurement shipped with a built-in drafter)."""
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None,
+                 warm: bool = True, _t0: float | None = None):
+        t0 = time.perf_counter() if _t0 is None else _t0
         m = bundle.manifest
         self.bundle = bundle
         if threads is None:  # dream-export --tune measured the best thread count on this machine
@@ -68,7 +78,7 @@ class Pipeline:
         self.backend = make_backend(bundle, backend, threads)
         self.pre = make_preprocessor(m["preprocessing"])
         self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
-        self.embeddings = np.load(bundle.file(m["embeddings"]["file"]), mmap_mode="r", allow_pickle=False)
+        self.embeddings = bundle.array(m["embeddings"])
         self.text = m["text"]
         self.decoder = bundle.graph("decoder")
         self.mask_min = float(self.decoder["mask_min"])
@@ -78,12 +88,41 @@ class Pipeline:
         self.fused = fused
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
+        runtime_cfg = m.get("runtime") or {}
+        self.speculative_default = self.has_drafter and bool(runtime_cfg.get("speculative", True))
+        self.speculative_note = runtime_cfg.get("speculative_note") if self.has_drafter and not self.speculative_default else None
+        if warm:
+            self.warm()
+        self.load_ms = (time.perf_counter() - t0) * 1000
+
+    def graphs_in_use(self, speculative: bool | None = None) -> list[str]:
+        """The graphs a call with these settings runs (images included)."""
+        from .decoder import FusedOrtDecoder
+        from .speculative import tree_graph_for
+        from .tree import TreeSpec
+
+        graphs = self.bundle.manifest["graphs"]
+        fused = self.fused if self.fused is not None else (FusedOrtDecoder.GRAPH in graphs and self.backend.ort_cpu)
+        names = ["vision", FusedOrtDecoder.GRAPH if fused else "decoder"]
+        if self.speculative_default if speculative is None else speculative:
+            tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
+            tg = tree_graph_for(self.backend, self.bundle.manifest)
+            g = graphs.get(tg or "", {})
+            one_call = bool(g) and (g.get("depth"), g.get("top_k")) == (tree.depth, tree.top_k) and self.unrolled_draft is not False
+            names.append(tg if one_call else self.bundle.manifest["drafter"]["graph"])
+        return names
+
+    def warm(self, speculative: bool | None = None) -> None:
+        """Create the sessions of ``graphs_in_use`` now (idempotent)."""
+        for graph in self.graphs_in_use(speculative):
+            self.backend.open(graph)
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-                    fused: bool | None = None) -> "Pipeline":
+                    fused: bool | None = None, warm: bool = True) -> "Pipeline":
         """``fused=None`` picks the fused ORT-CPU decoder when the bundle has one and the backend is ORT on a CPU."""
-        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads, fused=fused)
+        t0 = time.perf_counter()
+        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads, fused=fused, warm=warm, _t0=t0)
 
     # --- inputs -----------------------------------------------------------------------------------
     def prompt_text(self, num_images: int, prompt: str) -> str:
@@ -148,14 +187,14 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens {max_new_tokens}: expected at least 1")
         if speculative is None:
-            speculative = self.has_drafter
+            speculative = self.speculative_default
         elif speculative and not self.has_drafter:
             raise InputError(f"{self.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
         cfg = SamplingConfig(temperature, top_p, seed)
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
         prep = self.prepare(images, prompt)
-        res = GenerationResult(prompt_tokens=len(prep.input_ids))
+        res = GenerationResult(prompt_tokens=len(prep.input_ids), speculative=bool(speculative))
         if speculative:
             res.accept_lengths = []
         tokens = (self._speculative_tokens(prep, cfg, rng, res) if speculative else self._plain_tokens(prep, cfg, rng))

@@ -91,7 +91,8 @@ def hf_inputs(model_dir: str, paths: list[Path], prompt: str):
     _, processor = hf_model(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text=text, images=[[open_for_hf(p) for p in paths]], return_tensors="pt")
+    images = [[open_for_hf(p) for p in paths]] if paths else None  # a text-only prompt
+    return processor(text=text, images=images, return_tensors="pt")
 
 
 def hf_generate(model_dir: str, paths: list[Path], prompt: str, max_new_tokens: int) -> list[int]:

@@ -82,12 +82,50 @@ def test_bundle_missing_file(bundle_copy, images, capsys):
 
 
 def test_bundle_altered_file(bundle_copy, images, capsys):
-    path = bundle_copy / "embed_tokens.npy"
+    path = bundle_copy / "weights.bin"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
-    assert rc == 2 and "embed_tokens.npy" in err and "sha256" in err
+    assert rc == 2 and "weights.bin" in err and "sha256" in err
+
+
+def _edit_manifest(bundle, edit):
+    mpath = bundle / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    edit(manifest)
+    mpath.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("where", ["../outside.onnx", "/tmp/outside.onnx", "unlisted.onnx"])
+def test_bundle_graph_outside_or_unlisted_is_refused(bundle_copy, images, capsys, where):
+    """A manifest edited to point a graph at a file that the 'files' list does not verify, or outside the folder."""
+    outside = bundle_copy.parent / "outside.onnx"
+    shutil.copy(bundle_copy / "vision.onnx", outside)
+    shutil.copy(bundle_copy / "vision.onnx", bundle_copy / "unlisted.onnx")
+
+    def edit(m):
+        m["graphs"]["vision"]["file"] = where
+        if where != "unlisted.onnx":
+            m["files"][where] = m["files"]["vision.onnx"]  # listed, so only the path rule can refuse it
+    _edit_manifest(bundle_copy, edit)
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and where in err and ("outside the bundle" in err or "not in its 'files' list" in err or "missing" in err)
+    assert "\n" not in err
+
+
+def test_bundle_symlink_out_of_the_folder_is_refused(bundle_copy, images, capsys):
+    target = bundle_copy.parent / "elsewhere.bin"
+    shutil.move(bundle_copy / "weights.bin", target)
+    (bundle_copy / "weights.bin").symlink_to(target)
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and "weights.bin" in err and "outside the bundle" in err
+
+
+def test_bundle_embeddings_out_of_range_are_refused(bundle_copy, images, capsys):
+    _edit_manifest(bundle_copy, lambda m: m["embeddings"].update(offset=10**12))
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and "weights.bin" in err and "offset" in err
 
 
 def test_bundle_unknown_format_version(bundle_copy, images, capsys):

@@ -23,7 +23,8 @@ from .graphs import DecoderGraph, set_eager_attention
 from .onnx_io import export_graph, op_inventory
 from .fused import FusedDecoderGraph
 from .specs import decoder_spec, fused_decoder_spec, vision_spec
-from .validate import raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision
+from .validate import decoder_cases, raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision
+from .weights import WEIGHTS_FILE, externalize, share_weights
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ExportOptions:
     tree: "TreeSpec | None" = None
     keep_visual: float | None = None  # override the drafter config's visual token compression
     draft_precision: str = "fp32"     # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
+    runtime: dict | None = None       # manifest "runtime" defaults (threads, speculative) measured for a shipped drafter
+    cpu_precision: str = "fp32"       # int8 / int4: the ORT-CPU decoder with weight-only quantized MatMuls (LM head too)
 
 
 class _Stages:
@@ -105,6 +108,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
     f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab) if opts.fused_cpu_graph else None
 
+    emb = adapter.embed_tokens().weight.detach().float().numpy()
+    sample = adapter.validation_sample()
     tmp = _prepare_out(opts.out, opts.force)
     try:
         checks = []
@@ -119,15 +124,19 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             decoder = DecoderGraph(adapter).eval()
             args = _decoder_dummy(d_spec, past_len=3, q_len=2)
             export_graph(decoder, d_spec, args, tmp / d_spec.file)
-        with stages.stage("check decoder.onnx against PyTorch (prefill, step, 16-token tree)"):
-            checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, opts.seed)
+        with stages.stage("check decoder.onnx against PyTorch (a real prompt, a step, a 16-token tree of real tokens)"):
+            cases = decoder_cases(d_spec, emb, sample, tmp / d_spec.file, opts.seed)
+            checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, cases)
         if f_spec is not None:
             with stages.stage("ORT-CPU decoder (fused GroupQueryAttention, in-place KV) → decoder_ort_cpu.onnx"):
                 fused = FusedDecoderGraph(adapter).eval()
                 args = _decoder_dummy(d_spec, past_len=3, q_len=2, capacity=8)
                 export_graph(fused, f_spec, args, tmp / f_spec.file)
             with stages.stage("check decoder_ort_cpu.onnx against the PyTorch decoder"):
-                checks += validate_fused_decoder(decoder, f_spec, tmp / f_spec.file, opts.seed)
+                checks += validate_fused_decoder(decoder, f_spec, tmp / f_spec.file, cases)
+            if opts.cpu_precision != "fp32":
+                f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
+                checks += q_checks
         drafter_info = None
         if opts.drafter is not None:
             drafter_info, dr_specs, dr_checks = _export_drafter(adapter, opts, tmp, stages)
@@ -139,9 +148,11 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         for spec in (v_spec, d_spec, f_spec):
             if spec is not None:
                 graphs[spec.name] = _inventory_checked(spec, tmp)
-        with stages.stage("embeddings, tokenizer, manifest"):
-            emb = adapter.embed_tokens().weight.detach().float().numpy()
-            np.save(tmp / "embed_tokens.npy", emb)
+        with stages.stage("one copy of every weight (graphs share weights.bin)"):
+            placed, used = share_weights(tmp, [g["file"] for g in graphs.values()], extra={"embed_tokens": emb})
+            for g in graphs.values():
+                g["external_data"] = sorted(used[g["file"]])
+        with stages.stage("tokenizer, manifest"):
             (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
             manifest = {
                 "format": FORMAT,
@@ -158,7 +169,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                     "max_positions": int(tcfg.max_position_embeddings),
                 },
                 "graphs": graphs,
-                "embeddings": {"file": "embed_tokens.npy", "shape": list(emb.shape), "dtype": "float32"},
+                "embeddings": placed["embed_tokens"],
                 "tokenizer": {"file": "tokenizer.json"},
                 "preprocessing": pre,
                 "chat_template": adapter.chat_template(),
@@ -167,6 +178,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 "drafter": drafter_info,
                 "validation": [c_.__dict__ for c_ in checks],
             }
+            if opts.runtime and drafter_info:
+                manifest["runtime"] = dict(opts.runtime)
             manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             tmp_manifest = tmp / (MANIFEST + ".part")
             tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -180,6 +193,24 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _quantize_cpu_decoder(f_spec, folder: Path, cases, precision: str, stages):
+    """Replace the float ORT-CPU decoder with its weight-only int8/int4 twin, checked against it."""
+    from dataclasses import replace
+
+    from .quantize import PRECISIONS, quantize_matmuls
+    from .validate import validate_quantized_decoder
+
+    if not PRECISIONS.get(precision):
+        raise DreamExportError(f"--cpu-precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    q_spec = replace(f_spec, file=f"{f_spec.file[:-len('.onnx')]}_{precision}.onnx", extra={**f_spec.extra, "precision": precision})
+    with stages.stage(f"{precision} weights for the ORT-CPU decoder (MatMulNBits, LM head included) → {q_spec.file}"):
+        quantize_matmuls(folder / f_spec.file, folder / q_spec.file, PRECISIONS[precision], heads=True)
+    with stages.stage(f"check {q_spec.file} against the float {f_spec.file}"):
+        checks = validate_quantized_decoder(f_spec, folder / f_spec.file, folder / q_spec.file, cases, precision)
+    (folder / f_spec.file).unlink()
+    return q_spec, checks
 
 
 def _inventory_checked(spec, folder: Path) -> dict:
@@ -288,23 +319,54 @@ def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: 
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
         specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision)
         raise_on_mismatch(checks)
+        stores = _draft_tree_stores(bundle_dir, manifest, Path(tmp), specs)
+        entries = {}
+        try:
+            for spec in specs:
+                entries[spec.name] = _inventory_checked(spec, Path(tmp))
+                entries[spec.name]["external_data"] = sorted(externalize(Path(tmp) / spec.file, stores))
+        finally:
+            for store in stores:
+                store.close()
         for spec in specs:
-            entry = _inventory_checked(spec, Path(tmp))
+            entry = entries[spec.name]
+            for blob in entry["external_data"]:
+                if (Path(tmp) / blob).is_file():  # a new blob (weights the bundle did not hold yet)
+                    os.replace(Path(tmp) / blob, bundle_dir / blob)
+                    manifest["files"][blob] = sha256_file(bundle_dir / blob)
             os.replace(Path(tmp) / spec.file, bundle_dir / spec.file)
-            replaced.append((spec.file, manifest["graphs"].get(spec.name, {}).get("file")))
+            old_entry = manifest["graphs"].get(spec.name, {})
+            replaced.append((spec.file, old_entry.get("file"), set(old_entry.get("external_data", [])) - {WEIGHTS_FILE}))
             manifest["graphs"][spec.name] = entry
             manifest["files"][spec.file] = sha256_file(bundle_dir / spec.file)
     manifest["tree"] = tree.to_json()
-    for new_file, old in replaced:
+    still_used = {b for g in manifest["graphs"].values() for b in g.get("external_data", [])}
+    stale = set()
+    for new_file, old, old_blobs in replaced:
         if old and old != new_file:
-            manifest["files"].pop(old, None)
+            stale.add(old)
+        stale |= old_blobs - still_used
+    for name in stale:
+        manifest["files"].pop(name, None)
     part = bundle_dir / (MANIFEST + ".part")
     part.write_text(json.dumps(manifest, indent=1))
     os.replace(part, bundle_dir / MANIFEST)
-    for new_file, old in replaced:
-        if old and old != new_file:
-            (bundle_dir / old).unlink(missing_ok=True)
+    for name in stale:
+        (bundle_dir / name).unlink(missing_ok=True)
     return bundle_dir
+
+
+def _draft_tree_stores(bundle_dir: Path, manifest: dict, tmp: Path, specs) -> list:
+    """Where a re-exported draft graph's weights go: the bundle's weights.bin when it already holds them (the
+    target's embeddings and head, the drafter's layers), else a new blob beside the graph."""
+    from .weights import WeightFile
+
+    stores = []
+    if (bundle_dir / WEIGHTS_FILE).is_file():
+        readers = [g["file"] for g in manifest["graphs"].values() if WEIGHTS_FILE in g.get("external_data", [])]
+        stores.append(WeightFile.indexed(bundle_dir, WEIGHTS_FILE, readers))
+    stores.append(WeightFile(tmp, specs[0].file[: -len(".onnx")] + ".weights"))
+    return stores
 
 
 def _decoder_dummy(spec, past_len: int, q_len: int, capacity: int | None = None) -> tuple:
@@ -330,4 +392,7 @@ def _print_checks(stages, checks) -> None:
     for (graph, case, output), cs in groups.items():
         worst = max(cs, key=lambda c: c.max_abs_diff)
         n = f" ({len(cs)} outputs)" if len(cs) > 1 else ""
-        stages.print(f"    {graph}/{case}/{output}{n}: max abs diff {worst.max_abs_diff:.2e}" + ("" if all(c.ok for c in cs) else "  [red]FAIL[/]"))
+        top1 = [c.argmax_agreement for c in cs if c.argmax_agreement is not None]
+        agree = f", top-1 agreement {min(top1):.0%}" if top1 else ""
+        stages.print(f"    {graph}/{case}/{output}{n}: max abs diff {worst.max_abs_diff:.2e}{agree}"
+                     + ("" if all(c.ok for c in cs) else "  [red]FAIL[/]"))

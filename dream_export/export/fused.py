@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .graphs import DecoderGraph
+from .graphs import DecoderGraph, head_logits
 
 
 
@@ -88,7 +88,7 @@ class FusedDecoderGraph(DecoderGraph):
             presents += [pk, pv]
         received = _attention_received(q, pk, attention_mask, heads // kv_heads, float(attn.scaling))
         hidden = self.norm(hidden)
-        return (self.lm_head(hidden), hidden, received, *presents)
+        return (head_logits(self.lm_head, hidden), hidden, received, *presents)
 
 
 def _attention_received(q, present_k, bias, groups: int, scale: float):

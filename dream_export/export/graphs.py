@@ -58,7 +58,7 @@ class DecoderGraph(nn.Module):
         finally:
             hook.remove()
         hidden = self.norm(hidden)
-        logits = self.lm_head(hidden)
+        logits = head_logits(self.lm_head, hidden)
         received = seen["w"].mean(dim=(1, 2))  # [1,P+Q]: last-layer attention each position receives
         presents = []
         for k, v in zip(cache.new_keys, cache.new_values):
@@ -77,6 +77,15 @@ class DecoderGraph(nn.Module):
             )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden
+
+
+def head_logits(lm_head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """[1,Q,H] -> [1,Q,V] as one Gemm(transB=1), which keeps the head's weight as stored, [V,H]: for a tied head
+    the same bytes as the embedding matrix, so the bundle stores them once (``export/weights.py``). A plain
+    ``lm_head(hidden)`` exports as MatMul with a transposed [H,V] copy."""
+    w = lm_head.weight
+    bias = lm_head.bias if lm_head.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    return torch.nn.functional.linear(hidden.reshape(-1, w.shape[1]), w, bias).reshape(*hidden.shape[:-1], w.shape[0])
 
 
 class EmbeddingGraph(nn.Module):

@@ -27,6 +27,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     atol: float = 1e-4
     extra: dict = field(default_factory=dict)
+    rtol: float = 0.0             # validation passes where |onnx - torch| <= atol + rtol * |torch|, element-wise
 
     def dynamic_axes(self) -> dict:
         axes = {}
@@ -42,6 +43,7 @@ class GraphSpec:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "atol": self.atol,
+            "rtol": self.rtol,
             **self.extra,
         }
 
@@ -91,6 +93,7 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
             },
             "mask_min": -1e4,
         },
+        rtol=1e-3,
     )
 
 
@@ -109,7 +112,8 @@ def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: in
         inputs=tuple(buffer(t) for t in base.inputs),
         outputs=tuple(buffer(t) for t in base.outputs),
         atol=base.atol,
-        extra={**base.extra, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu",
+        rtol=base.rtol,
+        extra={**base.extra, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu", "precision": "fp32",
                "note": "past_key_i and present_key_i are one buffer bound through IOBinding; new rows land at [P, P+Q)"},
     )
 

@@ -12,6 +12,11 @@ from typing import Any
 
 _ADAPTERS: list[type["TargetAdapter"]] = []
 
+# The export check's prompt and continuation (real text, so the decoder sees what a trained model sees)
+VALIDATION_PROMPT = "Describe what the robot sees on the kitchen table, in two sentences."
+VALIDATION_CONTINUATION = (" The table holds a red cup, a white plate with two slices of bread and a small knife."
+                           " Behind them, a window lets in the morning light.")
+
 
 def register_adapter(cls):
     _ADAPTERS.append(cls)
@@ -83,6 +88,20 @@ class TargetAdapter(ABC):
 
             raise DreamExportError("the processor has no chat_template; expected one for instruction-tuned models")
         return template
+
+    def validation_sample(self):
+        """Real token ids for the decoder's export check: a chat-templated prompt and a continuation."""
+        import numpy as np
+
+        from runtime.chat import render, user_turn
+
+        from ..export.validate import TextSample
+
+        tok = self.processor.tokenizer
+        add_special = bool(self.preprocessing().get("add_special_tokens", True))
+        prompt = tok(render(self.chat_template(), user_turn(0, VALIDATION_PROMPT)), add_special_tokens=add_special)["input_ids"]
+        cont = tok(VALIDATION_CONTINUATION, add_special_tokens=False)["input_ids"]
+        return TextSample(np.asarray(prompt, np.int64), np.asarray(cont, np.int64))
 
     def tokenizer_json(self) -> str:
         """The fast tokenizer serialised as tokenizer.json text (what ``tokenizers`` loads)."""

@@ -63,10 +63,14 @@ def _jsonl(path: Path) -> list[Sample]:
             continue
         try:
             row = json.loads(line)
-            images = row["image"] if isinstance(row["image"], list) else [row["image"]]
+            images = row.get("image") or []  # none: a text-only prompt
+            images = images if isinstance(images, list) else [images]
             prompt = row["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DreamExportError(f'{path}:{lineno}: expected {{"image": path or [paths], "prompt": text}} ({exc})') from exc
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise TypeError("the prompt is empty")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise DreamExportError(f'{path}:{lineno}: expected {{"prompt": text, "image": path or [paths] (optional)}} '
+                                   f'({exc})') from exc
         out.append(Sample([_resolve(path.parent, i) for i in images], prompt))
     return out
 

@@ -34,6 +34,9 @@ class Backend:
         names = outputs or [t["name"] for t in spec["outputs"]]
         return dict(zip(names, self._run(graph, feeds, names)))
 
+    def open(self, graph: str) -> None:
+        """Prepare ``graph`` for running (create its session or engine) so that the first call pays no setup."""
+
     def _run(self, graph, feeds, output_names):  # pragma: no cover - interface
         raise NotImplementedError
 

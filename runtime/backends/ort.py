@@ -30,8 +30,13 @@ class OrtBackend(Backend):
             if self.threads:
                 opts.intra_op_num_threads = self.threads
             path = self.bundle.file(self._specs[graph]["file"])
+            for blob in self._specs[graph].get("external_data", []):  # listed, verified, inside the bundle
+                self.bundle.file(blob)
             self._sessions[graph] = ort.InferenceSession(str(path), opts, providers=self.providers)
         return self._sessions[graph]
+
+    def open(self, graph: str) -> None:
+        self.session(graph)
 
     def _run(self, graph, feeds, output_names):
         return self.session(graph).run(output_names, feeds)

