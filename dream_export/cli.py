@@ -87,6 +87,9 @@ def main(argv=None) -> int:
         if args.no_drafter and args.drafter is not None:
             raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
         drafter, tree, runtime_cfg = _drafter_folder(args.drafter), args.tree, None
+        if drafter is not None and not any((drafter / f).is_file() for f in ("drafter_config.json", "config.json")):
+            raise DreamExportError(f"--drafter {args.drafter}: no drafter_config.json (dream-train output, or its --out "
+                                   f"folder holding drafter/) or config.json (a released DREAM checkpoint)")
         if drafter is None and not args.no_drafter:
             from runtime.tree import TreeSpec
 

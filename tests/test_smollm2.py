@@ -228,3 +228,15 @@ def test_recipe_resumes(tmp_path):
     assert record["steps"] == 3 and record["finished"]
     with safe_open(str(tmp_path / "adapter.safetensors"), "pt") as f:
         assert f.metadata()["lora_rank"] == "16" and len([k for k in f.keys() if k.startswith("lora.")]) == 2 * 7 * 30
+
+
+def test_draft_vocabulary_takes_frequent_answer_tokens_then_low_ids():
+    import torch
+
+    from dream_export.presets.smolvlm_smollm2.drafter_recipe import draft_vocabulary
+
+    ex = [{"input_ids": torch.tensor([1, 2, 3, 50, 50, 50, 40, 40, 7]), "prompt_len": torch.tensor([3])}]
+    vocab = draft_vocabulary(ex, size=6, always=[2], vocab_size=100, skip={0, 1})
+    # 2 always; 50 (x3), 40 (x2), 7 (x1) from the answers; then the lowest free ids that are not skipped: 3, 4
+    assert vocab == [2, 3, 4, 7, 40, 50]
+    assert draft_vocabulary(ex, size=3, always=[2], vocab_size=100, skip=set()) == [2, 40, 50]

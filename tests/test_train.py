@@ -119,8 +119,12 @@ def test_data_sources(tmp_path):
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}]}]))
     s = load_samples(str(tmp_path / "l.json"))
     assert s[0].prompt == "What is it?"
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "no image"}\n')
-    with pytest.raises(DreamExportError, match="bad.jsonl:1"):
-        load_samples(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "text.jsonl").write_text('{"prompt": "no image"}\n')  # a text-only prompt, as SmolVLM allows
+    s = load_samples(str(tmp_path / "text.jsonl"))
+    assert s[0].images == [] and s[0].prompt == "no image"
+    for bad in ('{"image": "a.png"}', '{"image": "a.png", "prompt": "  "}', '["a.png", "hi"]'):
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises(DreamExportError, match="bad.jsonl:1"):
+            load_samples(str(tmp_path / "bad.jsonl"))
     with pytest.raises(DreamExportError, match="scenes:N"):
         load_samples("scenes:many")

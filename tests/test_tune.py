@@ -27,8 +27,23 @@ def test_tune_writes_the_best_tree(zoo, tmp_path):
     # the bundle's one-call draft graph is (3, 2): any other chosen depth / top-k asks for a re-export
     assert asked == ([] if (chosen["depth"], chosen["top_k"]) == (3, 2) else [TreeSpec(**chosen)])
     assert [r["one_call_draft"] for r in table] == [(r["tree"]["depth"], r["tree"]["top_k"]) == (3, 2) for r in table]
+    # the verdict lands where the runtime reads it: plain decoding by default when speculation measured slower
+    assert manifest["runtime"]["speculative"] == tuning["speculation_pays"]
+    assert (manifest["runtime"]["speculative_note"] is None) == tuning["speculation_pays"]
+    assert Pipeline.from_bundle(dst).speculative_default == tuning["speculation_pays"]
     pipe = Pipeline.from_bundle(dst)  # still verifies: the manifest is not among the hashed files
     assert TreeSpec.from_json(pipe.bundle.manifest["tree"]) == TreeSpec(**chosen)
     # a repetitive target with a copy drafter accepts long paths: deeper trees must measure longer acceptance
     by_tree = {(r["tree"]["total_tokens"], r["tree"]["depth"]): r["accept_len"] for r in table}
     assert by_tree[(32, 6)] > by_tree[(4, 3)] > 1.0
+
+
+def test_tune_data_reads_dream_train_sources(tmp_path):
+    """--tune-data takes what dream-train --data takes: text-only JSONL rows and scenes (written as files)."""
+    from dream_export.cli import _tune_samples
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "What is a robot?"}\n{"prompt": "Name a colour.", "image": []}\n')
+    assert _tune_samples(str(data), 5, tmp_path) == [([], "What is a robot?"), ([], "Name a colour.")]
+    pairs = _tune_samples("scenes:3", 2, tmp_path)
+    assert len(pairs) == 2 and all(len(p) == 1 and p[0].endswith(".png") for p, _ in pairs)

@@ -152,11 +152,11 @@ def quantized_tree_spec(t_spec: GraphSpec, precision: str) -> GraphSpec:
 
 
 def validate_quantized_tree(cfg, t_spec, float_path, q_spec, q_path, seed: int = 0) -> list[Check]:
-    """Same feeds through the float and the quantized graph: every output finite, the catch-up K/V rows
-    within RELATIVE_TOLERANCE x their largest magnitude. The tree itself may differ (it is a proposal the
+    """Same feeds through the float and the quantized graph: every output finite, the catch-up K/V rows'
+    relative L2 error within RELATIVE_TOLERANCE. The tree itself may differ (it is a proposal the
     target verifies); how much it differs shows up in acceptance, which ``--tune`` measures."""
     from .quantize import RELATIVE_TOLERANCE
-    from .validate import _session
+    from .validate import _session, relative_error_check
 
     ref_sess, q_sess = _session(float_path), _session(q_path)
     rel = RELATIVE_TOLERANCE[q_spec.extra["precision"]]
@@ -168,8 +168,7 @@ def validate_quantized_tree(cfg, t_spec, float_path, q_spec, q_path, seed: int =
         for name in names:
             finite = bool(np.isfinite(got[name]).all())
             if name.startswith("present_"):
-                diff = float(np.abs(got[name] - ref[name]).max()) if finite else float("inf")
-                checks.append(Check("draft_tree_ort_cpu", case, name, diff, rel * float(np.abs(ref[name]).max() + 1e-6)))
+                checks.append(relative_error_check("draft_tree_ort_cpu", case, name, ref[name], got[name], rel))
             else:
                 checks.append(Check("draft_tree_ort_cpu", case, f"{name} (finite)", 0.0 if finite else float("inf"), 0.0))
     return checks

@@ -199,14 +199,16 @@ def _quantize_cpu_decoder(f_spec, folder: Path, cases, precision: str, stages):
     """Replace the float ORT-CPU decoder with its weight-only int8/int4 twin, checked against it."""
     from dataclasses import replace
 
-    from .quantize import PRECISIONS, quantize_matmuls
+    from .quantize import PRECISIONS, TARGET_ACCURACY_LEVEL, quantize_matmuls
     from .validate import validate_quantized_decoder
 
     if not PRECISIONS.get(precision):
         raise DreamExportError(f"--cpu-precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     q_spec = replace(f_spec, file=f"{f_spec.file[:-len('.onnx')]}_{precision}.onnx", extra={**f_spec.extra, "precision": precision})
-    with stages.stage(f"{precision} weights for the ORT-CPU decoder (MatMulNBits, LM head included) → {q_spec.file}"):
-        quantize_matmuls(folder / f_spec.file, folder / q_spec.file, PRECISIONS[precision], heads=True)
+    bits = PRECISIONS[precision]
+    with stages.stage(f"{precision} weights for the ORT-CPU decoder (MatMulNBits, LM head at 8 bits) → {q_spec.file}"):
+        quantize_matmuls(folder / f_spec.file, folder / q_spec.file, bits, heads=True, head_bits=max(bits, 8),
+                         accuracy_level=TARGET_ACCURACY_LEVEL)
     with stages.stage(f"check {q_spec.file} against the float {f_spec.file}"):
         checks = validate_quantized_decoder(f_spec, folder / f_spec.file, folder / q_spec.file, cases, precision)
     (folder / f_spec.file).unlink()
@@ -394,5 +396,6 @@ def _print_checks(stages, checks) -> None:
         n = f" ({len(cs)} outputs)" if len(cs) > 1 else ""
         top1 = [c.argmax_agreement for c in cs if c.argmax_agreement is not None]
         agree = f", top-1 agreement {min(top1):.0%}" if top1 else ""
-        stages.print(f"    {graph}/{case}/{output}{n}: max abs diff {worst.max_abs_diff:.2e}{agree}"
+        what = "relative L2 error" if cs[0].output.endswith("(relative L2 error)") else "max abs diff"
+        stages.print(f"    {graph}/{case}/{output}{n}: {what} {worst.max_abs_diff:.2e}{agree}"
                      + ("" if all(c.ok for c in cs) else "  [red]FAIL[/]"))

@@ -19,6 +19,8 @@ from ..errors import DreamExportError
 class Sample:
     images: list            # file paths or PIL images
     prompt: str
+    temperature: float = 0.0  # the target's answer: greedy (0) or sampled at this temperature (top-p 0.95) ...
+    seed: int = 0             # ... with this seed: more of the target's own text from the same prompts
 
 
 def load_samples(spec: str, seed: int = 0) -> list[Sample]:

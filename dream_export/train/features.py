@@ -40,7 +40,12 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     enc = processor(text=text, images=[images] if images else None, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    if sample.temperature > 0:
+        torch.manual_seed(sample.seed)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=sample.temperature,
+                             top_p=0.95, top_k=0)
+    else:
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     ids = out[:, :]                                                  # prompt + the target's own answer
     prompt_len = enc["input_ids"].shape[1]
     fwd = model(input_ids=ids, pixel_values=enc.get("pixel_values"), pixel_attention_mask=enc.get("pixel_attention_mask"),

@@ -40,6 +40,7 @@ class TrainOptions:
     seed: int = 0
     keep_visual: float = 0.75
     max_minutes: float | None = None
+    prompt_loss: bool = False     # also learn at the prompt's text positions (the target's features are there too)
     stop_step: int | None = None  # stop here although the schedule runs to ``steps`` (ablations matched to a timed run)
 
 
@@ -66,6 +67,9 @@ def sequence_loss(drafter: DreamDrafter, ex: dict, opts: TrainOptions, image_tok
     out = drafter(ex["embeds"][None], torch.arange(n)[None], self_mask, memory, cross_mask, *drafter.empty_past())
     logits, feats, block0 = out[0][0], out[1][0], out[2][0]
     pos = torch.arange(int(ex["prompt_len"][0]), n)                # queries x_i of the answer predict f_i
+    if opts.prompt_loss:  # and those of the prompt's text (its own features; image tokens and position 0 excluded)
+        text = (ex["input_ids"] != image_token_id) & (torch.arange(n) > 0)
+        pos = torch.nonzero(text).squeeze(1)
     target_logits = ex["features"][pos] @ drafter.lm_head_weight.T
     target_p = torch.softmax(target_logits, -1)
     logp = torch.log_softmax(logits[pos], -1)
@@ -87,7 +91,8 @@ def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id
     for ex in examples:
         ids, n, p0 = ex["input_ids"], len(ex["input_ids"]), int(ex["prompt_len"][0])
         keep_mask = _keep_mask(ex, image_token_id, keep)
-        target_next = (ex["features"] @ drafter.lm_head_weight.T).argmax(-1)   # target's greedy token after i
+        # the answer is the target's own greedy output, so its next token after position i (i >= p0 - 1) is ids[i + 1]
+        # (a target id, whatever the drafter's vocabulary)
         starts = list(range(p0, n - 1))[:max_starts]
         for i in starts:
             # context: real tokens x_0..x_i, real features f_0..f_{i-1}; draft x_{i+1}..
@@ -105,7 +110,7 @@ def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id
                 if drafter.config.draft_vocab:
                     guess = drafter.config.draft_vocab[guess]
                 truth_pos = i + d
-                if truth_pos >= n - 1 or guess != int(target_next[truth_pos]):
+                if truth_pos >= n - 1 or guess != int(ids[truth_pos + 1]):
                     break
                 accepted += 1
                 toks.append(guess)

@@ -28,7 +28,9 @@ from . import ROOM, SHIPPED_DRAFTER
 
 INSTRUCTIONS = ROOM / "instructions.jsonl"
 RECIPE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
-          "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75}
+          "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75,
+          "sampled": 2, "temperature": 0.8,   # + this many sampled answers per training instruction
+          "prompt_loss": True}                # learn at the prompts' text positions too
 
 
 def instructions(split: str) -> list[str]:
@@ -38,13 +40,27 @@ def instructions(split: str) -> list[str]:
     return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
 
 
-def draft_vocabulary(examples: list[dict], size: int, always: list[int]) -> list[int]:
-    """The ``size`` target ids most frequent among the answer tokens (ties by id), ``always`` included; sorted."""
+def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_size: int, skip: set[int]) -> list[int]:
+    """``size`` target ids: ``always``, then the most frequent answer tokens (ties by id), then, while room is left,
+    the lowest ids not yet taken (a byte-level BPE numbers its merges in the order it learned them, so low ids
+    are the common pieces): tokens the self-distilled data never showed can still be drafted. ``skip`` (image
+    and other special tokens) never is. Sorted."""
     counts = Counter()
     for ex in examples:
         counts.update(int(t) for t in ex["input_ids"][int(ex["prompt_len"][0]):])
-    chosen = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: size - len(always)]]
-    return sorted(set(chosen) | set(always))
+    chosen = list(dict.fromkeys(always))
+    for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(chosen) >= size:
+            break
+        if t not in skip and t not in chosen:
+            chosen.append(t)
+    taken = set(chosen)
+    for t in range(vocab_size):
+        if len(chosen) >= size:
+            break
+        if t not in taken and t not in skip:
+            chosen.append(t)
+    return sorted(chosen)
 
 
 def train(out: Path, steps: int | None = None) -> Path:
@@ -68,19 +84,30 @@ def train(out: Path, steps: int | None = None) -> Path:
     samples = [samples[i] for i in order]
     probe = DrafterConfig.for_target(model.config.text_config)
     t0 = time.time()
+    digest = _weights_digest(source)
     fingerprint = {"model": source, "data": f"instructions:train+scenes:{RECIPE['scenes']}", "seed": RECIPE["seed"],
-                   "weights": _weights_digest(source)}
+                   "weights": digest}
     shards = build_cache(model, processor, samples, out / "features", probe.mid_layer_candidates,
                          max_new_tokens=RECIPE["max_new_tokens"], fingerprint=fingerprint)
     examples = load_examples(shards)
-    features_min = (time.time() - t0) / 60
     train_set, held = examples[: -RECIPE["heldout"]], examples[-RECIPE["heldout"]:]
+    if RECIPE["sampled"]:  # sampled answers to the training instructions: more of the target's own text
+        sampled = [Sample([], p, RECIPE["temperature"], seed) for seed in range(1, RECIPE["sampled"] + 1)
+                   for p in instructions("train")]
+        fp = {**fingerprint, "data": f"instructions:train:sampled:T{RECIPE['temperature']}x{RECIPE['sampled']}"}
+        more = build_cache(model, processor, sampled, out / "features-sampled", probe.mid_layer_candidates,
+                           max_new_tokens=RECIPE["max_new_tokens"], fingerprint=fp)
+        held_prompts = {tuple(ex["input_ids"][: int(ex["prompt_len"][0])].tolist()) for ex in held}
+        train_set += [ex for ex in load_examples(more)
+                      if tuple(ex["input_ids"][: int(ex["prompt_len"][0])].tolist()) not in held_prompts]
+    features_min = (time.time() - t0) / 60
     stop_ids = [int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)]
-    vocab = draft_vocabulary(train_set, RECIPE["draft_vocab"], stop_ids)
+    skip = {int(i) for i in processor.tokenizer.all_special_ids} - set(stop_ids)
+    vocab = draft_vocabulary(train_set, RECIPE["draft_vocab"], stop_ids, model.config.text_config.vocab_size, skip)
     cfg = DrafterConfig.for_target(model.config.text_config, intermediate_size=RECIPE["intermediate"],
                                    draft_vocab=vocab, keep_visual=RECIPE["keep_visual"])
     opts = TrainOptions(out=out / "dream", steps=steps or RECIPE["steps"], lr=RECIPE["lr"], batch=RECIPE["batch"],
-                        seed=RECIPE["seed"], keep_visual=RECIPE["keep_visual"])
+                        seed=RECIPE["seed"], keep_visual=RECIPE["keep_visual"], prompt_loss=RECIPE["prompt_loss"])
     t1 = time.time()
     final = train_drafter(model, train_set, held, opts, cfg)
     answer_tokens = sum(len(ex["input_ids"]) - int(ex["prompt_len"][0]) for ex in train_set)
