@@ -240,3 +240,4 @@ def test_draft_vocabulary_takes_frequent_answer_tokens_then_low_ids():
     # 2 always; 50 (x3), 40 (x2), 7 (x1) from the answers; then the lowest free ids that are not skipped: 3, 4
     assert vocab == [2, 3, 4, 7, 40, 50]
     assert draft_vocabulary(ex, size=3, always=[2], vocab_size=100, skip=set()) == [2, 40, 50]
+    assert draft_vocabulary(ex, size=6, always=[2], vocab_size=100, skip={0, 1}, fill=False) == [2, 7, 40, 50]

@@ -8,9 +8,10 @@ the training split of ``instructions.jsonl`` (text prompts written here, short a
 scene questions (image prompts), cached once (``dream-train``'s feature cache), then a DREAM drafter:
 - the target's width (576) with an MLP of ``INTERMEDIATE`` (1024; the target's is 1536) so that the
   shipped fp16 weights stay under 20 MB;
-- a reduced draft vocabulary (EAGLE-3 style): the ``DRAFT_VOCAB`` target tokens most frequent in the
-  self-distilled answers. The full 49,192 x 576 head is 113 MB of fp32 that every draft level reads;
-  the reduced one is 19 MB (8,192 rows), and the target still verifies with its full head.
+- a reduced draft vocabulary (EAGLE-3 style): target tokens seen in the self-distilled answers (v1, what ships:
+  all 1,517 of them), at most ``draft_vocab``. The full 49,192 x 576 head is 113 MB of fp32 that every draft
+  level reads; the reduced one is 3.5 MB, and the target still verifies with its full head (a token outside
+  the draft vocabulary is never drafted, only emitted by the target).
 The held-out split (every 5th instruction) is never trained on; ``dream-bench`` and the tests use it.
 """
 
@@ -27,10 +28,19 @@ from pathlib import Path
 from . import ROOM, SHIPPED_DRAFTER
 
 INSTRUCTIONS = ROOM / "instructions.jsonl"
-RECIPE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
-          "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75,
-          "sampled": 2, "temperature": 0.8,   # + this many sampled answers per training instruction
-          "prompt_loss": True}                # learn at the prompts' text positions too
+BASE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
+        "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75}
+RECIPES = {
+    # what ships: greedy answers only; the draft vocabulary is every answer token seen (1,517 ids)
+    "v1": {**BASE, "sampled": 0, "prompt_loss": False, "fill_vocab": False},
+    # the same data, plus a loss at the prompts' text positions and the draft vocabulary filled to 8,192 ids
+    # with the lowest free ones (16% of v1's held-out answer tokens were outside its 1,517)
+    "v2": {**BASE, "steps": 2000, "sampled": 0, "prompt_loss": True, "fill_vocab": True},
+    # + 2 sampled answers (T 0.8) per training instruction: more of the target's own text (not trained yet)
+    "v3": {**BASE, "sampled": 2, "temperature": 0.8, "prompt_loss": True, "fill_vocab": True},
+}
+SHIPPED = "v1"
+RECIPE = RECIPES[SHIPPED]
 
 
 def instructions(split: str) -> list[str]:
@@ -40,9 +50,10 @@ def instructions(split: str) -> list[str]:
     return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
 
 
-def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_size: int, skip: set[int]) -> list[int]:
-    """``size`` target ids: ``always``, then the most frequent answer tokens (ties by id), then, while room is left,
-    the lowest ids not yet taken (a byte-level BPE numbers its merges in the order it learned them, so low ids
+def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_size: int, skip: set[int],
+                     fill: bool = True) -> list[int]:
+    """At most ``size`` target ids: ``always``, then the most frequent answer tokens (ties by id), then (``fill``),
+    while room is left, the lowest ids not yet taken (a byte-level BPE numbers its merges in the order it learned them, so low ids
     are the common pieces): tokens the self-distilled data never showed can still be drafted. ``skip`` (image
     and other special tokens) never is. Sorted."""
     counts = Counter()
@@ -55,7 +66,7 @@ def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_s
         if t not in skip and t not in chosen:
             chosen.append(t)
     taken = set(chosen)
-    for t in range(vocab_size):
+    for t in range(vocab_size if fill else 0):
         if len(chosen) >= size:
             break
         if t not in taken and t not in skip:
@@ -63,7 +74,7 @@ def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_s
     return sorted(chosen)
 
 
-def train(out: Path, steps: int | None = None) -> Path:
+def train(out: Path, steps: int | None = None, recipe: str = SHIPPED) -> Path:
     import numpy as np
     import torch
 
@@ -76,6 +87,7 @@ def train(out: Path, steps: int | None = None) -> Path:
     from . import ensure_smolvlm_smollm2
 
     torch.set_num_threads(2)
+    RECIPE = RECIPES[recipe]  # noqa: N806 (the recipe's constants)
     out = Path(out)
     source = str(ensure_smolvlm_smollm2())
     model, processor = load_target(source)
@@ -103,7 +115,8 @@ def train(out: Path, steps: int | None = None) -> Path:
     features_min = (time.time() - t0) / 60
     stop_ids = [int(i) for i in np.atleast_1d(model.generation_config.eos_token_id)]
     skip = {int(i) for i in processor.tokenizer.all_special_ids} - set(stop_ids)
-    vocab = draft_vocabulary(train_set, RECIPE["draft_vocab"], stop_ids, model.config.text_config.vocab_size, skip)
+    vocab = draft_vocabulary(train_set, RECIPE["draft_vocab"], stop_ids, model.config.text_config.vocab_size, skip,
+                             fill=RECIPE["fill_vocab"])
     cfg = DrafterConfig.for_target(model.config.text_config, intermediate_size=RECIPE["intermediate"],
                                    draft_vocab=vocab, keep_visual=RECIPE["keep_visual"])
     opts = TrainOptions(out=out / "dream", steps=steps or RECIPE["steps"], lr=RECIPE["lr"], batch=RECIPE["batch"],
@@ -113,7 +126,7 @@ def train(out: Path, steps: int | None = None) -> Path:
     answer_tokens = sum(len(ex["input_ids"]) - int(ex["prompt_len"][0]) for ex in train_set)
     covered = sum(int(t) in set(vocab) for ex in held for t in ex["input_ids"][int(ex["prompt_len"][0]):])
     held_tokens = sum(len(ex["input_ids"]) - int(ex["prompt_len"][0]) for ex in held)
-    report = {"recipe": RECIPE, "samples": len(samples), "answer_tokens": answer_tokens,
+    report = {"recipe": {"name": recipe, **RECIPE}, "samples": len(samples), "answer_tokens": answer_tokens,
               "features_min": round(features_min, 2), "train_min": round((time.time() - t1) / 60, 2),
               "heldout_draft_vocab_coverage": round(covered / max(held_tokens, 1), 4),
               "history": json.loads((final / "training.json").read_text())["state"]["history"]}
@@ -150,12 +163,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("artifacts/smollm2-drafter"))
     ap.add_argument("--steps", type=int, default=None, help=f"override the recipe's {RECIPE['steps']} steps")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED, help=f"default {SHIPPED}, the one that ships")
     ap.add_argument("--ship", action="store_true", help="copy the trained drafter into dream_export/presets")
     args = ap.parse_args(argv)
     if args.ship:
         print(f"shipped to {ship(args.out)}")
         return
-    train(args.out, args.steps)
+    train(args.out, args.steps, args.recipe)
 
 
 if __name__ == "__main__":
