@@ -15,7 +15,7 @@ from .bundle import Bundle
 from .chat import render, user_turn
 from .errors import InputError
 from .decoder import DecoderRunner, make_decoder
-from .preprocess import load_image, make_preprocessor
+from .preprocess import as_image, make_preprocessor
 from .sampling import SamplingConfig, choose
 from .tree import causal_mask
 
@@ -128,10 +128,12 @@ class Pipeline:
     def prompt_text(self, num_images: int, prompt: str) -> str:
         return render(self.bundle.manifest["chat_template"], user_turn(num_images, prompt))
 
-    def prepare(self, images, prompt: str) -> Prepared:
+    def prepare(self, images, prompt: str, bgr: bool = False) -> Prepared:
+        """``images``: a list (or one) of file paths, PIL images or numpy frames (H x W x 3 uint8, RGB; BGR with
+        ``bgr=True``); empty or None for a text-only prompt."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
-        pil_images = [im if hasattr(im, "getbands") else load_image(im) for im in images]
+        pil_images = [as_image(im, i, bgr) for i, im in enumerate(_image_list(images))]
         processed = [self.pre.image(im) for im in pil_images]
         text = self.pre.expand_prompt(self.prompt_text(len(processed), prompt), processed)
         add_special = bool(self.bundle.manifest["preprocessing"].get("add_special_tokens", True))
@@ -173,16 +175,20 @@ class Pipeline:
 
     # --- generation -------------------------------------------------------------------------------
     def generate(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None) -> GenerationResult:
+                 top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
+                 bgr: bool = False) -> GenerationResult:
         result = None
-        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative):
+        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative, bgr):
             pass
         return result.final
 
     def stream(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None) -> Iterator["StreamEvent"]:
+               top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
+               bgr: bool = False) -> Iterator["StreamEvent"]:
         """Yield text pieces as they become printable; the last event carries the full result.
 
+        ``images``: file paths, PIL images or numpy frames (H x W x 3 uint8 RGB; ``bgr=True`` for OpenCV / ROS
+        ``bgr8`` frames), a list or a single one; empty or None answers text-only.
         ``speculative=None`` uses DREAM speculative decoding whenever the bundle has a drafter."""
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens {max_new_tokens}: expected at least 1")
@@ -193,7 +199,7 @@ class Pipeline:
         cfg = SamplingConfig(temperature, top_p, seed)
         rng = np.random.default_rng(seed)
         t0 = time.perf_counter()
-        prep = self.prepare(images, prompt)
+        prep = self.prepare(images, prompt, bgr)
         res = GenerationResult(prompt_tokens=len(prep.input_ids), speculative=bool(speculative))
         if speculative:
             res.accept_lengths = []
@@ -244,6 +250,14 @@ class Pipeline:
             step = spec.step()
             res.accept_lengths.append(len(step.tokens))
             yield from step.tokens
+
+
+def _image_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getbands"):
+        return [images]  # one image
+    return list(images)
 
 
 @dataclass

@@ -43,6 +43,29 @@ def load_image(path) -> Image.Image:
     return im
 
 
+def as_image(item, index: int = 0, bgr: bool = False) -> Image.Image:
+    """One image as the caller has it: a file path, a PIL image, or a numpy array as cameras deliver frames:
+    H x W x 3 uint8 (RGB; BGR with ``bgr=True``, as OpenCV and ROS ``bgr8`` images arrive), H x W x 4 (RGBA /
+    BGRA) or H x W (grayscale). The array becomes the same PIL image a file with those pixels would, so the
+    preprocessing is identical."""
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        shape = tuple(item.shape)
+        ok_shape = item.ndim == 2 or (item.ndim == 3 and shape[2] in (3, 4))
+        if item.dtype != np.uint8 or not ok_shape or 0 in shape:
+            raise InputError(f"image {index}: a numpy array of shape {shape} and dtype {item.dtype}; expected "
+                             f"H x W x 3 uint8 (RGB, or BGR with bgr=True), H x W x 4 uint8 or H x W uint8")
+        arr = item
+        if bgr and arr.ndim == 3:
+            arr = arr[:, :, [2, 1, 0] + ([3] if shape[2] == 4 else [])]
+        return Image.fromarray(np.ascontiguousarray(arr))  # L, RGB or RGBA from the shape
+    raise InputError(f"image {index}: a {type(item).__name__}; expected a file path, a PIL image or a numpy array "
+                     f"(H x W x 3 uint8)")
+
+
 def to_rgb_array(im: Image.Image) -> np.ndarray:
     """HWC uint8 RGB: transparency is composited onto white (transformers' convert_to_rgb)."""
     if "A" in im.getbands() or im.info.get("transparency") is not None:
