@@ -206,9 +206,8 @@ def _quantize_cpu_decoder(f_spec, folder: Path, cases, precision: str, stages):
         raise DreamExportError(f"--cpu-precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     q_spec = replace(f_spec, file=f"{f_spec.file[:-len('.onnx')]}_{precision}.onnx", extra={**f_spec.extra, "precision": precision})
     bits = PRECISIONS[precision]
-    with stages.stage(f"{precision} weights for the ORT-CPU decoder (MatMulNBits, LM head at 8 bits) → {q_spec.file}"):
-        quantize_matmuls(folder / f_spec.file, folder / q_spec.file, bits, heads=True, head_bits=max(bits, 8),
-                         accuracy_level=TARGET_ACCURACY_LEVEL)
+    with stages.stage(f"{precision} weights for the ORT-CPU decoder (MatMulNBits; the LM head stays fp32) → {q_spec.file}"):
+        quantize_matmuls(folder / f_spec.file, folder / q_spec.file, bits, heads=False, accuracy_level=TARGET_ACCURACY_LEVEL)
     with stages.stage(f"check {q_spec.file} against the float {f_spec.file}"):
         checks = validate_quantized_decoder(f_spec, folder / f_spec.file, folder / q_spec.file, cases, precision)
     (folder / f_spec.file).unlink()
