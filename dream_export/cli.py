@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the target "
                         "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
     p.add_argument("--cpu-precision", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, LM head included "
+                   help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, fp32 activations and LM head "
                         "(decoder.onnx, TensorRT's graph, stays fp32; greedy output then equals plain decoding at that precision)")
     d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
