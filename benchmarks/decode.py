@@ -71,8 +71,9 @@ def bench_transformers(mdir: Path, ids: np.ndarray, tokens: int) -> float:
     return (run(tokens + 1) - run(1)) / tokens * 1000
 
 
-def genai_model(mdir: Path, work: Path) -> Path:
-    """The same text decoder saved as a Llama model, built by onnxruntime-genai's model builder (fp32, CPU)."""
+def save_as_llama(mdir: Path, work: Path) -> Path:
+    """The VLM's text decoder saved as a LlamaForCausalLM folder (with its tokenizer and generation config),
+    what onnxruntime-genai's model builder takes. Returns the folder."""
     import torch
     from transformers import AutoModelForImageTextToText, LlamaForCausalLM
 
@@ -89,6 +90,12 @@ def genai_model(mdir: Path, work: Path) -> Path:
     for f in ("special_tokens_map.json", "generation_config.json"):
         if (Path(mdir) / f).exists():
             shutil.copy(Path(mdir) / f, src / f)
+    return src
+
+
+def genai_model(mdir: Path, work: Path) -> Path:
+    """The same text decoder built by onnxruntime-genai's model builder (fp32, CPU)."""
+    src = save_as_llama(mdir, work)
     out = work / "genai"
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
                     "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)

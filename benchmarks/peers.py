@@ -151,20 +151,9 @@ def run_llama_cpp(gguf: Path, texts: list[str], threads: int, max_new: int) -> l
 
 def genai_models(model_dir: Path, work: Path, precisions=("fp32", "int8", "int4")) -> dict[str, Path]:
     """The text model saved as a LlamaForCausalLM, built by onnxruntime-genai's model builder per precision."""
-    import torch
-    from transformers import AutoModelForImageTextToText, LlamaForCausalLM
+    from decode import save_as_llama  # benchmarks/decode.py, beside this file
 
-    vlm = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    cfg = vlm.config.text_config
-    cfg.architectures = ["LlamaForCausalLM"]
-    llama = LlamaForCausalLM(cfg).eval()
-    llama.model.load_state_dict(vlm.model.text_model.state_dict())
-    llama.lm_head.weight = torch.nn.Parameter(vlm.lm_head.weight.detach().clone())
-    src = work / "llama"
-    llama.save_pretrained(src)
-    vlm.generation_config.save_pretrained(src)
-    for f in Path(model_dir).glob("tokenizer*"):
-        shutil.copy(f, src / f.name)
+    src = save_as_llama(model_dir, work)
     out = {}
     for p in precisions:
         dst = work / f"genai-{p}"

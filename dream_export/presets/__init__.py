@@ -15,6 +15,14 @@ def shipped_drafter(source) -> tuple[Path, dict | None] | None:
     return tiny(source) or smollm2(source)
 
 
+def drafter_and_tree(folder: Path) -> tuple[Path, dict | None] | None:
+    """(folder, default tree from its bundle_defaults.json) when a trained drafter ships in ``folder``."""
+    if not (folder / "drafter_config.json").is_file():
+        return None
+    defaults = folder / "bundle_defaults.json"
+    return folder, (json.loads(defaults.read_text()).get("tree") if defaults.is_file() else None)
+
+
 def runtime_defaults(drafter_dir: Path) -> dict | None:
     """The measured runtime defaults shipped beside a built-in drafter (``bundle_defaults.json`` "runtime": whether
     speculation paid on the machine it was tuned on, with a note saying where and by how much)."""

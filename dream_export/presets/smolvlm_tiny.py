@@ -43,15 +43,11 @@ def ensure_smolvlm_tiny() -> Path:
 def shipped_drafter(source) -> tuple[Path, dict | None] | None:
     """(drafter folder, default tree as JSON or None) when ``source`` is the shipped smolvlm-tiny and its
     trained drafter ships too; dream-export then adds it unless told otherwise."""
-    import json
+    from . import drafter_and_tree
 
-    if not (SHIPPED_DRAFTER / "drafter_config.json").is_file():
-        return None
     try:
         if Path(source).resolve() != SHIPPED.resolve():
             return None
     except OSError:
         return None
-    defaults = SHIPPED_DRAFTER / "bundle_defaults.json"
-    tree = json.loads(defaults.read_text()).get("tree") if defaults.is_file() else None
-    return SHIPPED_DRAFTER, tree
+    return drafter_and_tree(SHIPPED_DRAFTER)

@@ -259,13 +259,11 @@ def assemble(out: Path, adapter: Path | None) -> Path:
 
 def shipped_drafter(source) -> tuple[Path, dict | None] | None:
     """(drafter folder, default tree) when ``source`` is the assembled smolvlm-smollm2 and its drafter ships."""
-    if not (SHIPPED_DRAFTER / "drafter_config.json").is_file():
-        return None
+    from .. import drafter_and_tree
+
     try:
         if not (Path(source) / "assembled.json").is_file() or Path(source).name != "smolvlm-smollm2":
             return None
     except OSError:
         return None
-    defaults = SHIPPED_DRAFTER / "bundle_defaults.json"
-    tree = json.loads(defaults.read_text()).get("tree") if defaults.is_file() else None
-    return SHIPPED_DRAFTER, tree
+    return drafter_and_tree(SHIPPED_DRAFTER)
