@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,12 @@ from tokenizers import Tokenizer
 from .backends import make_backend
 from .bundle import Bundle
 from .chat import render, user_turn
+from .context import Context
 from .errors import InputError
 from .decoder import DecoderRunner, make_decoder
 from .preprocess import as_image, make_preprocessor
 from .sampling import SamplingConfig, choose
-from .tree import causal_mask
+from .tree import TreeSpec, causal_mask
 
 
 @dataclass
@@ -36,6 +38,7 @@ class GenerationResult:
     decode_s: float = 0.0
     accept_lengths: list[int] | None = None   # tokens emitted per target call (speculative decoding only)
     speculative: bool = False
+    cached_tokens: int = 0     # prompt tokens whose K/V were reused from earlier calls (sessions)
 
     @property
     def num_new_tokens(self) -> int:
@@ -53,6 +56,8 @@ class GenerationResult:
             "token_ids": self.token_ids,
             "num_new_tokens": self.num_new_tokens,
             "stop_reason": self.stop_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "ttft_ms": round(self.ttft_ms, 3),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "speculative": self.speculative,
@@ -88,6 +93,7 @@ class Pipeline:
         self.fused = fused
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
+        self._lock = threading.RLock()  # one call at a time (see stream_chat)
         runtime_cfg = m.get("runtime") or {}
         self.speculative_default = self.has_drafter and bool(runtime_cfg.get("speculative", True))
         self.speculative_note = runtime_cfg.get("speculative_note") if self.has_drafter and not self.speculative_default else None
@@ -128,17 +134,27 @@ class Pipeline:
     def prompt_text(self, num_images: int, prompt: str) -> str:
         return render(self.bundle.manifest["chat_template"], user_turn(num_images, prompt))
 
-    def prepare(self, images, prompt: str, bgr: bool = False) -> Prepared:
+    def prepare(self, images, prompt: str, bgr: bool = False, image_splitting: bool | None = None,
+                longest_edge: int | None = None) -> Prepared:
         """``images``: a list (or one) of file paths, PIL images or numpy frames (H x W x 3 uint8, RGB; BGR with
         ``bgr=True``); empty or None for a text-only prompt."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
-        pil_images = [as_image(im, i, bgr) for i, im in enumerate(_image_list(images))]
-        processed = [self.pre.image(im) for im in pil_images]
-        text = self.pre.expand_prompt(self.prompt_text(len(processed), prompt), processed)
+        return self.prepare_messages(user_message(images, prompt), bgr, image_splitting, longest_edge)
+
+    def prepare_messages(self, messages: list[dict], bgr: bool = False, image_splitting: bool | None = None,
+                         longest_edge: int | None = None, add_generation_prompt: bool = True) -> Prepared:
+        """A conversation (``messages``: role + content, content a string or a list of ``{"type": "text", "text"}``
+        / ``{"type": "image", "image": path | PIL image | numpy frame}`` parts) -> token ids and image tiles."""
+        shown, images = normalize_messages(messages)
+        text = render(self.bundle.manifest["chat_template"], shown, add_generation_prompt)
+        return self._encode(text, images, bgr, image_splitting, longest_edge)
+
+    def _encode(self, text: str, images: list, bgr: bool, image_splitting, longest_edge, check: bool = True) -> Prepared:
+        pil_images = [as_image(im, i, bgr) for i, im in enumerate(images)]
+        processed = [self.pre.image(im, image_splitting, longest_edge) for im in pil_images]
+        text = self.pre.expand_prompt(text, processed)
         add_special = bool(self.bundle.manifest["preprocessing"].get("add_special_tokens", True))
         ids = np.array(self.tokenizer.encode(text, add_special_tokens=add_special).ids, dtype=np.int64)
-        if len(ids) >= self.max_positions:
+        if check and len(ids) >= self.max_positions:
             raise InputError(
                 f"the prompt is {len(ids)} tokens (images included); the model's context is {self.max_positions}: "
                 f"shorten the prompt or use fewer/smaller images"
@@ -148,12 +164,17 @@ class Pipeline:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[ids], dtype=np.float32)
 
+    def vision(self, tiles: list[np.ndarray]) -> np.ndarray | None:
+        """[n_image_tokens, H]: the embeddings the image tokens stand for, in prompt order (None without images)."""
+        if not tiles:
+            return None
+        image_embeds = self.backend.run("vision", {"pixel_values": np.concatenate(tiles, axis=0)})["image_embeds"]
+        return image_embeds.reshape(-1, image_embeds.shape[-1])
+
     def prompt_embeds(self, prep: Prepared) -> np.ndarray:
         embeds = self.embed(prep.input_ids)  # [S,H]
-        if prep.tiles:
-            tiles = np.concatenate(prep.tiles, axis=0)
-            image_embeds = self.backend.run("vision", {"pixel_values": tiles})["image_embeds"]
-            flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+        flat = self.vision(prep.tiles)
+        if flat is not None:
             slots = np.flatnonzero(prep.input_ids == self.image_token_id)
             if len(slots) != len(flat):
                 raise InputError(f"{len(slots)} image tokens in the prompt but {len(flat)} image embeddings")
@@ -164,6 +185,11 @@ class Pipeline:
     def new_decoder(self, slack: int = 0) -> DecoderRunner:
         """A decoder with a fresh cache for one sequence; ``slack`` extra rows hold a draft tree at the end."""
         return make_decoder(self.backend, self.bundle, self.max_positions + slack, self.fused)
+
+    def new_context(self) -> Context:
+        """A fresh sequence state, with room for a draft tree when the bundle has a drafter."""
+        slack = (self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])).total_tokens if self.has_drafter else 0
+        return Context(self, slack)
 
     def step(self, dec: DecoderRunner, embeds: np.ndarray) -> dict:
         """Causal call over Q new positions, all kept."""
@@ -176,53 +202,90 @@ class Pipeline:
     # --- generation -------------------------------------------------------------------------------
     def generate(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
-                 bgr: bool = False) -> GenerationResult:
-        result = None
-        for result in self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative, bgr):
-            pass
-        return result.final
+                 bgr: bool = False, **options) -> GenerationResult:
+        """One answer (see ``stream`` for the arguments)."""
+        return _last(self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative, bgr, **options))
 
     def stream(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
-               bgr: bool = False) -> Iterator["StreamEvent"]:
+               bgr: bool = False, system: str | None = None, **options) -> Iterator["StreamEvent"]:
         """Yield text pieces as they become printable; the last event carries the full result.
 
         ``images``: file paths, PIL images or numpy frames (H x W x 3 uint8 RGB; ``bgr=True`` for OpenCV / ROS
-        ``bgr8`` frames), a list or a single one; empty or None answers text-only.
-        ``speculative=None`` uses DREAM speculative decoding whenever the bundle has a drafter."""
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens {max_new_tokens}: expected at least 1")
-        if speculative is None:
-            speculative = self.speculative_default
-        elif speculative and not self.has_drafter:
-            raise InputError(f"{self.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
-        cfg = SamplingConfig(temperature, top_p, seed)
-        rng = np.random.default_rng(seed)
-        t0 = time.perf_counter()
-        prep = self.prepare(images, prompt, bgr)
-        res = GenerationResult(prompt_tokens=len(prep.input_ids), speculative=bool(speculative))
-        if speculative:
+        ``bgr8`` frames), a list or a single one; empty or None answers text-only. ``system``: a system message.
+        ``speculative=None`` uses DREAM speculative decoding whenever the bundle has a drafter. Further options
+        (``stream_chat``): ``deadline_s``, ``stop``, ``cancel``, ``image_splitting``, ``longest_edge``."""
+        messages = ([{"role": "system", "content": system}] if system else []) + user_message(images, prompt)
+        return self.stream_chat(messages, max_new_tokens, temperature, top_p, seed, speculative, bgr, **options)
+
+    def chat(self, messages: list[dict], **kwargs) -> GenerationResult:
+        """The next assistant turn of a whole conversation (see ``stream_chat``)."""
+        return _last(self.stream_chat(messages, **kwargs))
+
+    def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
+                    bgr: bool = False, deadline_s: float | None = None, stop=None, cancel=None,
+                    image_splitting: bool | None = None, longest_edge: int | None = None) -> Iterator["StreamEvent"]:
+        """The next assistant turn of ``messages`` (see ``prepare_messages``), streamed, on a fresh context.
+
+        Control: ``deadline_s`` stops with ``stop_reason == "time"`` once that many seconds have passed since the
+        call began; ``stop`` (a string or a list) ends the answer before the first stop string, which is not
+        returned (``"stop_string"``); ``cancel`` (a ``threading.Event`` or any object with ``is_set()``) stops at
+        the next token once set (``"cancelled"``). Vision: ``image_splitting`` / ``longest_edge`` override the
+        bundle's ``do_image_splitting`` / ``size["longest_edge"]``, as the processor's options of those names do.
+        Closing the stream early (``close()``, ``break``) leaves the pipeline consistent. One pipeline serves
+        several threads: calls take turns behind a lock, held from the first ``next()`` to the last event."""
+        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, self)
+        with self._lock:
+            t0 = time.perf_counter()
+            prep = self.prepare_messages(messages, bgr, image_splitting, longest_edge)
+            ctx = self.new_context()
+            ctx.image_embeds = self.vision(prep.tiles)
+            yield from self._decode(ctx, prep.input_ids, opts, t0)
+
+    def session(self, images=None, system: str | None = None, bgr: bool = False, image_splitting: bool | None = None,
+                longest_edge: int | None = None) -> "Session":
+        """A conversation about fixed image(s): vision and the prompt's image prefix run once, here; every
+        ``ask`` then computes only its own tokens (see ``Session``)."""
+        return Session(self, images, system, bgr, image_splitting, longest_edge)
+
+    def _decode(self, ctx: Context, ids: np.ndarray, opts: "_Options", t0: float) -> Iterator["StreamEvent"]:
+        """Prefill ``ids`` into ``ctx`` (only what it does not hold yet), then decode; yields ``StreamEvent``s."""
+        cfg = SamplingConfig(opts.temperature, opts.top_p, opts.seed)
+        rng = np.random.default_rng(opts.seed)
+        res = GenerationResult(prompt_tokens=len(ids), speculative=opts.speculative)
+        logits = ctx.prefill(ids)
+        res.cached_tokens = len(ids) - ctx.last_prefill
+        if opts.speculative:
             res.accept_lengths = []
-        tokens = (self._speculative_tokens(prep, cfg, rng, res) if speculative else self._plain_tokens(prep, cfg, rng))
-        detok = _Detokenizer(self.tokenizer)
+            tokens = self._speculative_tokens(ctx, logits, cfg, rng, res)
+        else:
+            tokens = self._plain_tokens(ctx, logits, cfg, rng)
+        detok = _Detokenizer(self.tokenizer, opts.stop)
         t_first = None
         for token in tokens:
             res.token_ids.append(token)
+            now = time.perf_counter()
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first = now
                 res.ttft_ms = (t_first - t0) * 1000
             piece = detok.push(token)
             if token in self.stop_ids:
                 res.stop_reason = "stop_token"
-            elif len(res.token_ids) >= max_new_tokens:
+            elif detok.stopped:
+                res.stop_reason = "stop_string"
+            elif len(res.token_ids) >= opts.max_new_tokens:
                 res.stop_reason = "max_new_tokens"
             elif res.prompt_tokens + len(res.token_ids) >= self.max_positions:  # the context is full
                 res.stop_reason = "context_full"
+            elif opts.deadline_s is not None and now - t0 >= opts.deadline_s:
+                res.stop_reason = "time"
+            elif opts.cancel is not None and opts.cancel.is_set():
+                res.stop_reason = "cancelled"
             if res.stop_reason:
-                res.decode_s = time.perf_counter() - t_first
-                res.text = detok.text()
-                tail = res.text[len(detok.emitted_text):]
-                yield StreamEvent(piece + tail, res)
+                res.decode_s = now - t_first
+                res.text = detok.final_text()
+                yield StreamEvent(piece + res.text[len(detok.emitted_text):], res)
                 return
             if piece:
                 yield StreamEvent(piece, None)
@@ -231,25 +294,197 @@ class Pipeline:
     def has_drafter(self) -> bool:
         return bool(self.bundle.manifest.get("drafter"))
 
-    def _plain_tokens(self, prep: Prepared, cfg: SamplingConfig, rng) -> Iterator[int]:
-        dec = self.new_decoder()
-        logits = self.step(dec, self.prompt_embeds(prep))["logits"][0, -1]
+    def _plain_tokens(self, ctx: Context, logits: np.ndarray, cfg: SamplingConfig, rng) -> Iterator[int]:
         while True:
             token = choose(logits, cfg, rng)
             yield token
-            logits = self.step(dec, self.embed(np.array([token]))[None])["logits"][0, -1]
+            p = ctx.length
+            out = self.step(ctx.dec, self.embed(np.array([token]))[None])
+            ctx.record(p, [token], out["hidden_states"][0])
+            logits = out["logits"][0, -1]
 
-    def _speculative_tokens(self, prep: Prepared, cfg: SamplingConfig, rng, res: GenerationResult) -> Iterator[int]:
+    def _speculative_tokens(self, ctx: Context, logits: np.ndarray, cfg: SamplingConfig, rng,
+                            res: GenerationResult) -> Iterator[int]:
         from .speculative import SpeculativeDecoder
-        from .tree import TreeSpec
 
         tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
-        spec = SpeculativeDecoder(self, tree, cfg, rng, unrolled=self.unrolled_draft)
-        yield spec.start(self.prompt_embeds(prep), prep.input_ids)
+        spec = SpeculativeDecoder(self, tree, cfg, rng, unrolled=self.unrolled_draft, ctx=ctx)
+        yield spec.begin(logits)
         while True:
             step = spec.step()
             res.accept_lengths.append(len(step.tokens))
             yield from step.tokens
+
+
+class Session:
+    """A conversation about fixed image(s), keeping the K/V of everything already computed.
+
+    Created by ``Pipeline.session``: the images go through vision once and the prompt up to the first question
+    (system message, user turn header, image tokens) is prefilled once. ``ask(prompt)`` renders the whole
+    conversation with the model's chat template, keeps the longest cached prefix of its tokens and computes
+    only the rest, so its answer is the one ``Pipeline.chat`` gives for the same conversation (tested token for
+    token). ``keep=True`` (default) adds the question and answer to the conversation (multi-turn); ``keep=False``
+    rolls back to the state before the question (many independent questions about one frame). The drafter's
+    caches follow the same rule. A conversation that no longer fits the context gets an ``InputError`` naming
+    its length; ``reset()`` drops every turn but keeps the image prefix."""
+
+    def __init__(self, pipe: Pipeline, images=None, system: str | None = None, bgr: bool = False,
+                 image_splitting: bool | None = None, longest_edge: int | None = None):
+        self.pipe = pipe
+        self.images = [as_image(im, i, bgr) for i, im in enumerate(_image_list(images))]
+        self.system = system
+        self.turns: list[tuple[str, str]] = []  # (question, answer) kept
+        self._vision = (image_splitting, longest_edge)
+        self._busy = False
+        with pipe._lock:
+            self.ctx = pipe.new_context()
+            sentinel = "\x00dream-export-question\x00"
+            shown, images = normalize_messages(self._messages(sentinel))
+            text = render(pipe.bundle.manifest["chat_template"], shown, add_generation_prompt=False)
+            if text.count(sentinel) != 1:
+                raise InputError("the chat template does not render the question verbatim; sessions need it to")
+            prep = pipe._encode(text.split(sentinel)[0], images, False, *self._vision)
+            self.ctx.image_embeds = pipe.vision(prep.tiles)
+            self.prefix_tokens = len(prep.input_ids)
+            if self.prefix_tokens:
+                self.ctx.prefill(prep.input_ids)
+
+    def _messages(self, prompt: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for i, (q, a) in enumerate(self.turns):
+            msgs += user_message(self.images if i == 0 else None, q)
+            msgs.append({"role": "assistant", "content": a})
+        return msgs + user_message(self.images if not self.turns else None, prompt)
+
+    def messages(self, prompt: str) -> list[dict]:
+        """The whole conversation that ``ask(prompt)`` answers (what ``Pipeline.chat`` would be given)."""
+        return self._messages(prompt)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose K/V the session holds."""
+        return self.ctx.length
+
+    def ask(self, prompt: str, keep: bool = True, **kwargs) -> GenerationResult:
+        return _last(self.stream(prompt, keep, **kwargs))
+
+    def stream(self, prompt: str, keep: bool = True, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
+               deadline_s: float | None = None, stop=None, cancel=None) -> Iterator["StreamEvent"]:
+        """As ``Pipeline.stream_chat`` over ``messages(prompt)``. A stream closed before its last event keeps
+        nothing of that turn, whatever ``keep`` says."""
+        pipe = self.pipe
+        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty; expected a question or instruction")
+        with pipe._lock:
+            if self._busy:
+                raise InputError("this session is already answering (a stream is open); finish or close it first")
+            self._busy = True
+            try:
+                t0 = time.perf_counter()
+                shown, images = normalize_messages(self._messages(prompt))
+                text = render(pipe.bundle.manifest["chat_template"], shown)
+                ids = pipe._encode(text, images, False, *self._vision, check=False).input_ids
+                if len(ids) >= pipe.max_positions:
+                    raise InputError(f"the conversation is {len(ids)} tokens with this question; the context is "
+                                     f"{pipe.max_positions}: ask with keep=False, reset() or start a new session")
+                before = min(self.ctx.common_prefix(ids), len(ids) - 1)
+                final = None
+                try:
+                    for event in pipe._decode(self.ctx, ids, opts, t0):
+                        final = event.final
+                        yield event
+                finally:
+                    if final is not None and keep:
+                        self.turns.append((prompt, final.text))
+                    else:  # rolled back: the question, the answer and anything an early close left behind
+                        self.ctx.truncate(before)
+            finally:
+                self._busy = False
+
+    def reset(self) -> None:
+        """Forget every turn; the image prefix stays cached."""
+        self.turns.clear()
+        self.ctx.truncate(self.prefix_tokens)
+
+
+@dataclass
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    speculative: bool
+    deadline_s: float | None
+    stop: tuple[str, ...]
+    cancel: object
+
+    @classmethod
+    def make(cls, max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe) -> "_Options":
+        """Validated before anything runs: each bad value gets one line naming it and what is expected."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens {max_new_tokens!r}: expected an integer of at least 1")
+        try:
+            SamplingConfig(temperature, top_p, seed)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        if speculative is None:
+            speculative = pipe.speculative_default
+        elif speculative and not pipe.has_drafter:
+            raise InputError(f"{pipe.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
+        if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
+            raise InputError(f"deadline_s {deadline_s!r}: expected a positive number of seconds")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise InputError(f"stop {stop!r}: expected a non-empty string or a list of them")
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise InputError(f"cancel: a {type(cancel).__name__}; expected a threading.Event (or anything with is_set())")
+        return cls(max_new_tokens, temperature, top_p, seed, bool(speculative), deadline_s, stops, cancel)
+
+
+def _last(events):
+    result = None
+    for event in events:
+        result = event
+    return result.final
+
+
+def user_message(images, prompt: str) -> list[dict]:
+    """One user turn as a message list: the images first, then the text (SmolVLM's layout)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
+    parts = [{"type": "image", "image": im} for im in _image_list(images)]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
+
+
+def normalize_messages(messages) -> tuple[list[dict], list]:
+    """(messages as the chat template takes them, the images in order). Content may be a string or a list of
+    text / image parts; image parts carry the image under ``"image"``."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages: expected a non-empty list of {'role', 'content'} dicts")
+    shown, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"messages[{i}]: expected a dict with role 'system', 'user' or 'assistant' and a content")
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise InputError(f"messages[{i}].content: expected a string or a non-empty list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image" and part.get("image") is not None:
+                parts.append({"type": "image"})
+                images.append(part["image"])
+            else:
+                raise InputError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}} or "
+                                 f"{{'type': 'image', 'image': path | PIL image | numpy array}}")
+        shown.append({"role": m["role"], "content": parts})
+    return shown, images
 
 
 def _image_list(images) -> list:
@@ -267,21 +502,41 @@ class StreamEvent:
 
 
 class _Detokenizer:
-    """Incremental decoding that never emits half a UTF-8 character."""
+    """Incremental decoding that never emits half a UTF-8 character, nor text that may turn out to begin a stop
+    string (it is held back until it cannot)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stops = stops
         self.ids: list[int] = []
         self.emitted_text = ""
+        self.stopped = False
+        self._cut: str | None = None
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def final_text(self) -> str:
+        return self._cut if self._cut is not None else self.text()
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.text()
         if text.endswith("\ufffd") or not text.startswith(self.emitted_text):
             return ""
-        piece = text[len(self.emitted_text):]
-        self.emitted_text = text
+        safe = len(text)
+        if self.stops:
+            hits = [i for i in (text.find(s, max(0, len(self.emitted_text) - len(s))) for s in self.stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                self._cut = text[: min(hits)]
+                return ""
+            for s in self.stops:  # hold back a tail that is the start of a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        safe = max(safe, len(self.emitted_text))
+        piece = text[len(self.emitted_text):safe]
+        self.emitted_text = text[:safe]
         return piece

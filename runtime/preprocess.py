@@ -135,15 +135,30 @@ class Idefics3Preprocessor:
         self.cfg = cfg
         self.tile = int(cfg["max_image_size"])
 
-    def image(self, im: Image.Image) -> ProcessedImage:
-        c = self.cfg
+    def image(self, im: Image.Image, image_splitting: bool | None = None, longest_edge: int | None = None) -> ProcessedImage:
+        """``image_splitting`` / ``longest_edge`` override the bundle's ``do_image_splitting`` and
+        ``size["longest_edge"]`` for this image, as the HF processor's call options of those names do: fewer
+        tiles cost less vision and prefill time."""
+        c = self.options(image_splitting, longest_edge)
         arr = to_rgb_array(im) if c["do_convert_rgb"] else np.array(im)
-        frames, rows, cols = self.frames(arr, int(c["resample"]))
+        frames, rows, cols = self.frames(arr, int(c["resample"]), c)
         return ProcessedImage(np.stack([self._normalize(f) for f in frames]), rows, cols)
 
-    def frames(self, arr: np.ndarray, resample: int) -> tuple[list[np.ndarray], int, int]:
+    def options(self, image_splitting: bool | None = None, longest_edge: int | None = None) -> dict:
+        c = dict(self.cfg)
+        if image_splitting is not None:
+            if not isinstance(image_splitting, bool):
+                raise InputError(f"image_splitting {image_splitting!r}: expected True, False or None (the bundle's default)")
+            c["do_image_splitting"] = image_splitting
+        if longest_edge is not None:
+            if isinstance(longest_edge, bool) or not isinstance(longest_edge, int) or not 1 <= longest_edge <= MAX_IMAGE_SIZE:
+                raise InputError(f"longest_edge {longest_edge!r}: expected an integer number of pixels from 1 to {MAX_IMAGE_SIZE}")
+            c["size_longest_edge"] = longest_edge
+        return c
+
+    def frames(self, arr: np.ndarray, resample: int, c: dict | None = None) -> tuple[list[np.ndarray], int, int]:
         """Resize and split an HWC array the way the HF processor does: (tiles row-major + global, rows, cols)."""
-        c = self.cfg
+        c = c or self.cfg
         if c["do_resize"]:
             h, w = _rescale_to_max_len(*arr.shape[:2], c["size_longest_edge"])
             h, w = _scale_below(h, w, MAX_IMAGE_SIZE)

@@ -164,6 +164,11 @@ class DrafterState:
         self._append(out, positions, feature_positions)
         return out["tree_tokens"], out["tree_scores"], out["tree_parents"]
 
+    def rollback_to_position(self, position: int) -> None:
+        """Keep only the entries for positions < ``position`` (entries are appended in position order)."""
+        self.rollback(int(np.searchsorted(self.self_pos.view(), position)),
+                      int(np.searchsorted(self.mem_pos.view(), position)))
+
     def rollback(self, self_len: int, mem_len: int) -> None:
         for name, g in self.kv.items():
             g.length = mem_len if "mem" in name else self_len
@@ -192,6 +197,7 @@ class _CatchUp:
     positions: np.ndarray
     features: np.ndarray
     feature_positions: np.ndarray
+    upto: int  # once caught up, the drafter's caches are valid for positions < upto
 
 
 class SpeculativeDecoder:
@@ -200,14 +206,19 @@ class SpeculativeDecoder:
     ``unrolled=None`` uses the bundle's one-call ``draft_tree`` graph when its (D, K) equal the tree's."""
 
     def __init__(self, pipe, tree: TreeSpec, cfg: SamplingConfig, rng: np.random.Generator,
-                 unrolled: bool | None = None):
+                 unrolled: bool | None = None, ctx=None):
+        from .context import Context
+
         self.pipe = pipe
         self.tree = tree
         self.cfg = cfg
         self.rng = rng
         self.info = pipe.bundle.manifest["drafter"]
-        self.drafter = DrafterState(pipe, self.info)
-        self.dec = pipe.new_decoder(slack=tree.total_tokens)
+        self.ctx = ctx if ctx is not None else Context(pipe, slack=tree.total_tokens)
+        if self.ctx.drafter is None:
+            self.ctx.drafter = DrafterState(pipe, self.info)
+        self.drafter = self.ctx.drafter
+        self.dec = self.ctx.dec
         graph = pipe.bundle.manifest["graphs"].get(self.drafter.tree_graph or "", {})
         fits = bool(graph) and (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
         if unrolled and not fits:
@@ -224,36 +235,35 @@ class SpeculativeDecoder:
 
     # --- setup --------------------------------------------------------------------------------------
     def start(self, prompt_embeds: np.ndarray, input_ids: np.ndarray) -> int:
-        """Target prefill and the first token; the drafter's prefill (kept prompt positions + the first
-        token) becomes the first catch-up. Returns the first token."""
-        out = self.pipe.step(self.dec, prompt_embeds)
-        first = self._choose(out["logits"][0, -1])
-        keep = self._kept_positions(input_ids, out["attention_received"][0])
-        n = len(input_ids)
+        """Target prefill of a whole prompt and the first token (see ``begin``). Returns the first token."""
+        input_ids = np.asarray(input_ids, np.int64)
+        self.ctx.image_embeds = prompt_embeds[0][input_ids == self.pipe.image_token_id]
+        return self.begin(self.ctx.prefill(input_ids, prompt_embeds))
+
+    def begin(self, logits: np.ndarray) -> int:
+        """After the context's prefill: choose the first token from the last position's ``logits``. What the
+        drafter has not seen (every position from where its caches stop being valid, prompt included, with the
+        target's features for them, then the first token) becomes the first catch-up. Returns the first token."""
+        ctx = self.ctx
+        first = self._choose(logits)
+        n = ctx.length
+        upto = min(ctx.drafter_upto, n)
+        self.drafter.rollback_to_position(upto)
+        keep = ctx.kept_positions(upto, n, float(self.info.get("keep_visual", 1.0)))
+        embeds = ctx.embeds_for(ctx.ids[:n], upto)[keep - upto]
         self.root = first
-        self.pending = _CatchUp(np.concatenate([prompt_embeds[0][keep], self.pipe.embed(np.array([first]))]),
-                                np.append(keep, n), out["hidden_states"][0][keep], keep)
+        self.pending = _CatchUp(np.concatenate([embeds, self.pipe.embed(np.array([first]))]),
+                                np.append(keep, n), ctx.hidden[keep], keep, n)
         return first
 
     def snapshot(self):
         """State between steps (for tests that replay one step many times)."""
-        return self.dec.length, self.drafter.self_len, self.drafter.mem_len, self.root, self.pending
+        return self.dec.length, self.drafter.self_len, self.drafter.mem_len, self.root, self.pending, self.ctx.drafter_upto
 
     def restore(self, snap) -> None:
         self.dec.truncate(snap[0])
         self.drafter.rollback(snap[1], snap[2])
-        self.root, self.pending = snap[3], snap[4]
-
-    def _kept_positions(self, input_ids: np.ndarray, received: np.ndarray) -> np.ndarray:
-        """Visual token compression: all text positions plus the most-attended fraction of image positions."""
-        keep_frac = float(self.info.get("keep_visual", 1.0))
-        image = np.flatnonzero(input_ids == self.pipe.image_token_id)
-        keep = np.ones(len(input_ids), bool)
-        if keep_frac < 1.0 and len(image):
-            n_keep = int(np.ceil(keep_frac * len(image)))
-            order = np.argsort(-received[image], kind="stable")
-            keep[image[order[n_keep:]]] = False
-        return np.flatnonzero(keep)
+        self.root, self.pending, self.ctx.drafter_upto = snap[3], snap[4], snap[5]
 
     def _choose(self, logits: np.ndarray) -> int:
         if self.cfg.greedy:
@@ -269,11 +279,12 @@ class SpeculativeDecoder:
         order = self._select(tree, budget)
         logits, hidden, parents = self._verify(tree, order)
         path, bonus = self._accept(tree, order, parents, logits)
+        p0 = self.dec.length  # the root's position
         self.dec.commit(path)
+        self.ctx.record(p0, tree.tokens[order[path]], hidden[path])
         tokens = [int(t) for t in tree.tokens[order[path[1:]]]] + [bonus]
-        p0 = self.dec.length - len(path)  # the root's position
         self.pending = _CatchUp(self.pipe.embed(np.array(tokens)), p0 + 1 + np.arange(len(tokens)),
-                                hidden[path], p0 + np.arange(len(path)))
+                                hidden[path], p0 + np.arange(len(path)), self.dec.length)
         self.root = bonus
         return StepResult(tokens, len(path) - 1, len(order))
 
@@ -281,6 +292,7 @@ class SpeculativeDecoder:
         c = self.pending
         self.pending = None
         toks, scores, parents = self.drafter.draft_tree(c.embeds, c.positions, c.features, c.feature_positions)
+        self.ctx.drafter_upto = c.upto
         return DraftTree(np.concatenate([[self.root], toks]), np.concatenate([[0.0], scores]),
                          np.concatenate([[-1], parents + 1]), self._tree_depth)
 
@@ -288,6 +300,7 @@ class SpeculativeDecoder:
         c = self.pending
         self.pending = None
         logits, feats = self.drafter.catch_up(c.embeds, c.positions, c.features, c.feature_positions)
+        self.ctx.drafter_upto = c.upto
         nodes = self._draft(budget, logits[-1], feats[-1])
         return DraftTree(np.array([n.token for n in nodes], np.int64), np.array([n.logp for n in nodes]),
                          np.array([n.parent for n in nodes], np.int64), np.array([n.depth for n in nodes], np.int64))
