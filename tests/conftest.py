@@ -108,6 +108,23 @@ class Zoo:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model folder, bundle) of the built-in smolvlm-tiny with its shipped drafter, exported once per session."""
+    from dream_export.export.exporter import ExportOptions, export_bundle, load_target
+    from dream_export.presets.smolvlm_tiny import SHIPPED, ensure_smolvlm_tiny, shipped_drafter
+    from runtime.tree import TreeSpec
+
+    path = ensure_smolvlm_tiny()
+    assert path == SHIPPED and (SHIPPED / "model.safetensors").is_file()
+    drafter, tree = shipped_drafter(path)
+    model, processor = load_target(str(path))
+    bundle = export_bundle(model, processor, {"model": "smolvlm-tiny"},
+                           ExportOptions(out=tmp_path_factory.mktemp("tiny") / "bundle", drafter=drafter,
+                                         tree=TreeSpec.from_json(tree) if tree else None), quiet=True)
+    return path, bundle
+
+
+@pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     return Zoo(tmp_path_factory.mktemp("zoo"))
 

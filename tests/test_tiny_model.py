@@ -12,24 +12,6 @@ from dream_export.scenes import COLORS, QA, Scene, Shape, grade, qa_pairs, rando
 EVAL_SEED = 10_000_000  # never used in training (training seeds are below 10,000,000)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-    from dream_export.presets.smolvlm_tiny import SHIPPED, ensure_smolvlm_tiny
-
-    from dream_export.presets.smolvlm_tiny import shipped_drafter
-    from runtime.tree import TreeSpec
-
-    path = ensure_smolvlm_tiny()
-    assert path == SHIPPED and (SHIPPED / "model.safetensors").is_file()
-    drafter, tree = shipped_drafter(path)
-    model, processor = load_target(str(path))
-    bundle = export_bundle(model, processor, {"model": "smolvlm-tiny"},
-                           ExportOptions(out=tmp_path_factory.mktemp("tiny") / "bundle", drafter=drafter,
-                                         tree=TreeSpec.from_json(tree) if tree else None), quiet=True)
-    return path, bundle
-
-
 def test_shipped_weights_load_offline(monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
