@@ -21,11 +21,8 @@ from runtime.serve import Server, build_parser, main
 MODEL = "tiny-test"
 
 
-@pytest.fixture(scope="module")
-def served(zoo):
-    _, bundle = zoo.with_drafter("gqa_nosplit", "random")
-    pipe = Pipeline.from_bundle(bundle)
-    srv = Server(pipe, MODEL, max_queue=2)
+def start_server(srv: Server):
+    """uvicorn in a thread on a free 127.0.0.1 port; returns (url, stop)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -38,10 +35,25 @@ def served(zoo):
             break
         time.sleep(0.05)
     assert userver.started
-    url = f"http://127.0.0.1:{port}"
-    yield srv, url, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    userver.should_exit = True
-    thread.join(10)
+
+    def stop():
+        userver.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(zoo):
+    _, bundle = zoo.with_drafter("gqa_nosplit", "random")
+    srv = Server(Pipeline.from_bundle(bundle), MODEL, max_queue=2)
+    url, stop = start_server(srv)
+    yield srv, url, client_for(url)
+    stop()
 
 
 def http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict]:
@@ -213,3 +225,23 @@ def test_parse_messages_pure(images):
     assert msgs[0]["role"] == "system" and np.array(msgs[1]["content"][0]["image"]).shape[2] == 3
     with pytest.raises(ApiError, match="last message"):
         parse_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], False)
+
+
+def test_smolvlm_tiny_served(tiny, images):
+    """The built-in model behind the server: an image question answered as the pipeline answers it."""
+    _, bundle = tiny
+    srv = Server(Pipeline.from_bundle(bundle), "smolvlm-tiny")
+    url, stop = start_server(srv)
+    try:
+        client = client_for(url)
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images["coffee"], "JPEG")}},
+                                             {"type": "text", "text": "What color is the circle?"}]}]
+        r = client.chat.completions.create(model="smolvlm-tiny", messages=msgs, temperature=0, max_tokens=24)
+        import base64 as b64
+
+        raw = b64.b64decode(data_url(images["coffee"], "JPEG").split(",", 1)[1])
+        want = srv.pipe.generate(Image.open(io.BytesIO(raw)), "What color is the circle?", max_new_tokens=24)
+        assert r.choices[0].message.content == want.text and want.text.strip()
+        assert r.choices[0].finish_reason == "stop" and want.stop_reason == "stop_token"
+    finally:
+        stop()

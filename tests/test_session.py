@@ -207,3 +207,24 @@ def test_vision_knobs_equal_transformers(zoo, images, config, options):
     sess = pipe.session(str(images["astronaut"]), **options)
     assert sess.ask(QUESTIONS[2], max_new_tokens=12).token_ids == pipe.generate(
         str(images["astronaut"]), QUESTIONS[2], max_new_tokens=12, **options).token_ids
+
+
+def test_smolvlm_tiny_session_with_its_shipped_drafter(tiny):
+    """The built-in model: a session's answers (speculative, with the shipped drafter accepting several tokens per
+    step) equal fresh plain calls on the whole conversation, over rolled-back and kept turns."""
+    _, bundle = tiny
+    pipe = Pipeline.from_bundle(bundle)
+    from dream_export.scenes import random_scene
+
+    frame = np.array(random_scene(np.random.default_rng(31_000_000)).render().convert("RGB"))
+    for speculative in (True, False):
+        sess = pipe.session(frame)
+        accepted = 0
+        for keep, q in [(False, QUESTIONS[0]), (False, QUESTIONS[1]), (True, QUESTIONS[2]), (True, QUESTIONS[3])]:
+            messages = sess.messages(q)
+            got = sess.ask(q, keep=keep, max_new_tokens=32, speculative=speculative)
+            assert got.token_ids == pipe.chat(messages, max_new_tokens=32, speculative=False).token_ids, (q, speculative)
+            assert got.cached_tokens >= sess.prefix_tokens
+            if speculative:
+                accepted += sum(a - 1 for a in got.accept_lengths)
+        assert accepted > 0 or not speculative
