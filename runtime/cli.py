@@ -21,6 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--no-speculative", action="store_true", help="plain decoding even when the bundle has a drafter")
     spec.add_argument("--speculative", action="store_true",
                       help="decode with the drafter even where the bundle records that it measured slower on this machine")
+    gen.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                     help="end the answer before this text (repeatable); the stop text is not printed")
+    gen.add_argument("--deadline-s", type=float, default=None, help="stop answering after this many seconds")
+    gen.add_argument("--system", default=None, help="a system message")
+    vis = p.add_argument_group("vision cost (the processor's options of the same names)")
+    split = vis.add_mutually_exclusive_group()
+    split.add_argument("--image-splitting", dest="image_splitting", action="store_true", default=None,
+                       help="split large images into tiles plus a global view")
+    split.add_argument("--no-image-splitting", dest="image_splitting", action="store_false",
+                       help="one tile per image: less vision and prefill time, less detail")
+    vis.add_argument("--longest-edge", type=int, default=None, help="resize so the longest edge is this many pixels")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -52,7 +63,8 @@ def main(argv=None) -> int:
         if speculative is None and pipe.speculative_note:
             print(f"dream-run: {pipe.speculative_note}; decoding without the drafter (--speculative uses it)", file=sys.stderr)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      speculative=speculative)
+                      speculative=speculative, stop=args.stop, deadline_s=args.deadline_s, system=args.system,
+                      image_splitting=args.image_splitting, longest_edge=args.longest_edge)
         if args.json:
             print(json.dumps({**pipe.generate(images, prompt, **kwargs).to_json(), "load_ms": round(pipe.load_ms, 3)}))
         else:
