@@ -122,6 +122,46 @@ def test_bundle_symlink_out_of_the_folder_is_refused(bundle_copy, images, capsys
     assert rc == 2 and "weights.bin" in err and "outside the bundle" in err
 
 
+@pytest.mark.parametrize("location", ["copy.bin", "../elsewhere.bin"])
+def test_graph_naming_unverified_external_data_is_refused(bundle_copy, images, capsys, location):
+    """The graph's own external-data location (what ONNX Runtime opens) must be a listed file, even when the
+    manifest was re-hashed to match the edited graph and still declares weights.bin."""
+    import onnx
+
+    from runtime.bundle import sha256_file
+    from runtime.onnx_refs import external_data_locations
+
+    shutil.copy(bundle_copy / "weights.bin", bundle_copy / "copy.bin")
+    shutil.copy(bundle_copy / "weights.bin", bundle_copy.parent / "elsewhere.bin")
+    graph = bundle_copy / "vision.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    graph.write_bytes(model.SerializeToString())
+    assert external_data_locations(graph) == {location}
+
+    def edit(m):
+        m["files"]["vision.onnx"] = sha256_file(graph)
+    _edit_manifest(bundle_copy, edit)
+    rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])
+    assert rc == 2 and location in err and ("not a verified file" in err or "outside the bundle" in err)
+
+
+def test_external_data_walker_agrees_with_onnx(bundle_copy):
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from runtime.onnx_refs import external_data_locations
+
+    for graph in sorted(bundle_copy.glob("*.onnx")):
+        model = onnx.load(str(graph), load_external_data=False)
+        want = {e.value for t in _get_all_tensors(model) if uses_external_data(t) for e in t.external_data
+                if e.key == "location"}
+        assert external_data_locations(graph) == want and want, graph.name
+
+
 def test_bundle_embeddings_out_of_range_are_refused(bundle_copy, images, capsys):
     _edit_manifest(bundle_copy, lambda m: m["embeddings"].update(offset=10**12))
     rc, err = run(capsys, [str(images["coffee"]), "hi", "--bundle", str(bundle_copy)])

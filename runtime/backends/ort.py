@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import posixpath
+
 import onnxruntime as ort
 
+from ..errors import BundleError
+from ..onnx_refs import ProtobufError, external_data_locations
 from .base import Backend
+
+
+def check_external_data(bundle, name: str, path) -> None:
+    """Every external-data file the graph itself names (what ONNX Runtime will open, relative to the graph's
+    folder) must be a file of the bundle that the manifest lists and so verifies; the manifest's own
+    ``external_data`` list is only a declaration."""
+    try:
+        locations = external_data_locations(path)
+    except ProtobufError as exc:
+        raise BundleError(f"{path}: not a valid ONNX model ({exc})") from exc
+    for loc in sorted(locations):
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(name), loc))
+        if posixpath.isabs(loc) or joined.startswith("../") or joined == "..":
+            raise BundleError(f"{path}: external data {loc!r} lies outside the bundle folder; expected a file inside it")
+        try:
+            bundle.file(joined)
+        except BundleError as exc:
+            raise BundleError(f"{path}: names external data {loc!r}, which is not a verified file of the bundle: {exc}") from exc
 
 
 class OrtBackend(Backend):
@@ -29,9 +51,11 @@ class OrtBackend(Backend):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
-            path = self.bundle.file(self._specs[graph]["file"])
+            name = self._specs[graph]["file"]
+            path = self.bundle.file(name)
             for blob in self._specs[graph].get("external_data", []):  # listed, verified, inside the bundle
                 self.bundle.file(blob)
+            check_external_data(self.bundle, name, path)
             self._sessions[graph] = ort.InferenceSession(str(path), opts, providers=self.providers)
         return self._sessions[graph]
 
