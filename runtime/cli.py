@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--no-image-splitting", dest="image_splitting", action="store_false",
                        help="one tile per image: less vision and prefill time, less detail")
     vis.add_argument("--longest-edge", type=int, default=None, help="resize so the longest edge is this many pixels")
+    p.add_argument("--backend", default="auto", help="auto (TensorRT provider, then CUDA, then CPU: the pick is reported), "
+                   "ort-cpu, ort-cuda, ort-trt, trt")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
@@ -58,7 +60,9 @@ def main(argv=None) -> int:
                     f"no bundle in {store_root() / 'bundles'}; export one (dream-export --model smolvlm-tiny) or pass --bundle"
                 )
             print(f"dream-run: using bundle {bundle}", file=sys.stderr)
-        pipe = Pipeline.from_bundle(bundle, threads=args.threads)
+        pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
+        if pipe.backend.name != "ort-cpu":
+            print(f"dream-run: backend {pipe.backend.name} ({pipe.backend.why})", file=sys.stderr)
         speculative = False if args.no_speculative else True if args.speculative else None
         if speculative is None and pipe.speculative_note:
             print(f"dream-run: {pipe.speculative_note}; decoding without the drafter (--speculative uses it)", file=sys.stderr)
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
                       speculative=speculative, stop=args.stop, deadline_s=args.deadline_s, system=args.system,
                       image_splitting=args.image_splitting, longest_edge=args.longest_edge)
         if args.json:
-            print(json.dumps({**pipe.generate(images, prompt, **kwargs).to_json(), "load_ms": round(pipe.load_ms, 3)}))
+            print(json.dumps({**pipe.generate(images, prompt, **kwargs).to_json(), "load_ms": round(pipe.load_ms, 3),
+                              "backend": pipe.backend.name}))
         else:
             for event in pipe.stream(images, prompt, **kwargs):
                 sys.stdout.write(event.text)

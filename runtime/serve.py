@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429 (default 8)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20))
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt (as dream-run)")
     return p
 
 
@@ -403,13 +404,14 @@ def main(argv=None) -> int:
             raise RuntimeErrorBase(f"no bundle in {store_root() / 'bundles'}; export one or pass --bundle")
         if args.max_queue < 1:
             raise RuntimeErrorBase(f"--max-queue {args.max_queue}: expected at least 1")
-        pipe = Pipeline.from_bundle(bundle, threads=args.threads)
+        pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
     except RuntimeErrorBase as exc:
         print(f"dream-serve: error: {exc}", file=sys.stderr)
         return 2
     server = Server(pipe, args.model_name or Path(bundle).resolve().name, args.max_queue, args.allow_local_files,
                     int(args.max_body_mb * (1 << 20)))
-    print(f"dream-serve: {server.model_name} on http://{args.host}:{args.port}/v1 (loaded in {pipe.load_ms:.0f} ms)",
+    print(f"dream-serve: {server.model_name} on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}: "
+          f"{pipe.backend.why}; loaded in {pipe.load_ms:.0f} ms)",
           file=sys.stderr)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -3,6 +3,8 @@ the concrete backend only executes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import BundleError
@@ -41,9 +43,87 @@ class Backend:
         raise NotImplementedError
 
 
-def make_backend(bundle, backend: str = "auto", threads: int | None = None) -> Backend:
-    if backend in ("auto", "ort", "onnxruntime"):
-        from .ort import OrtBackend
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+ALIASES = {"ort": "ort-cpu", "onnxruntime": "ort-cpu", "cpu": "ort-cpu", "cuda": "ort-cuda", "tensorrt": "trt"}
+TRT_MINIMUM = (10, 3)  # TensorRT 10.3 = JetPack 6.1 / 6.2
 
-        return OrtBackend(bundle, threads=threads)
-    raise BundleError(f"backend {backend!r} is not available; expected one of: auto, ort")
+
+class BackendUnavailable(BundleError):
+    """The asked-for backend cannot run on this machine: the message names what is missing and how to install it."""
+
+
+def resolve_backend(backend: str, providers: list[str] | None = None, trt_version: str | None = "probe") -> tuple[str, str]:
+    """(the backend to use, why). ``auto`` takes ONNX Runtime's TensorRT provider, then its CUDA provider, then
+    the CPU (the TensorRT backend proper is picked only when asked for: it is not implemented yet). Explicit
+    names are checked here, before anything is loaded or written, and refused with one line naming what is
+    missing. ``providers`` / ``trt_version`` default to what this machine has (arguments for tests)."""
+    name = ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise BundleError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)} (or ort = ort-cpu)")
+    if providers is None:
+        import onnxruntime as ort
+
+        providers = list(ort.get_available_providers())
+    if name == "auto":
+        if "TensorrtExecutionProvider" in providers:
+            return "ort-trt", "auto: ONNX Runtime's TensorRT provider is installed"
+        if "CUDAExecutionProvider" in providers:
+            return "ort-cuda", "auto: ONNX Runtime's CUDA provider is installed"
+        return "ort-cpu", "auto: no GPU provider in this onnxruntime, so the CPU"
+    if name == "ort-cuda" and "CUDAExecutionProvider" not in providers:
+        raise BackendUnavailable(
+            f"backend ort-cuda needs ONNX Runtime's CUDA provider; this onnxruntime has {providers}: "
+            f"pip uninstall onnxruntime && pip install onnxruntime-gpu (on Jetson, the JetPack build of onnxruntime-gpu)")
+    if name == "ort-trt" and "TensorrtExecutionProvider" not in providers:
+        raise BackendUnavailable(
+            f"backend ort-trt needs ONNX Runtime's TensorRT provider; this onnxruntime has {providers}: install "
+            f"onnxruntime-gpu and TensorRT {TRT_MINIMUM[0]}.{TRT_MINIMUM[1]}+ (pip install tensorrt; on Jetson, JetPack 6.1+)")
+    if name == "trt":
+        if trt_version == "probe":
+            try:
+                import tensorrt
+
+                trt_version = tensorrt.__version__
+            except ImportError:
+                trt_version = None
+        if trt_version is None:
+            raise BackendUnavailable(
+                f"backend trt needs TensorRT's Python package ({TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} or newer) and cuda-python, "
+                f"neither importable here: pip install 'dream-export[trt]' (on Jetson, JetPack 6.1+ ships TensorRT 10.3)")
+        found = tuple(int(x) for x in trt_version.split(".")[:2] if x.isdigit())
+        if found < TRT_MINIMUM:
+            raise BackendUnavailable(f"backend trt: TensorRT {trt_version} is older than the minimum "
+                                     f"{TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} (JetPack 6.1); upgrade TensorRT")
+        raise BackendUnavailable(f"backend trt: TensorRT {trt_version} is installed, but this version of dream-export has "
+                                 f"no TensorRT engine backend yet (issue 9); use --backend ort-trt (ONNX Runtime's "
+                                 f"TensorRT provider) meanwhile")
+    return name, "asked for"
+
+
+def make_backend(bundle, backend: str = "auto", threads: int | None = None, device_id: int = 0) -> Backend:
+    name, why = resolve_backend(backend)
+    from .ort import OrtBackend
+
+    b = OrtBackend(bundle, threads=threads, providers=provider_list(name, bundle, device_id))
+    b.name, b.why = name, why
+    return b
+
+
+def provider_list(name: str, bundle, device_id: int = 0) -> list:
+    """ONNX Runtime providers (with their options) for a resolved backend name. The TensorRT provider caches its
+    engines and timing cache inside the bundle (``engines/ort-trt/``; engines are not portable: the provider
+    keys them by GPU, TensorRT version and graph)."""
+    if name == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
+    if name == "ort-cuda":
+        return [cuda, "CPUExecutionProvider"]
+    precision = str((bundle.manifest.get("precision") or "fp32"))
+    cache = str(Path(bundle.path) / "engines" / "ort-trt")
+    trt = ("TensorrtExecutionProvider", {
+        "device_id": str(device_id),
+        "trt_fp16_enable": "True" if precision == "fp16" else "False",
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+    })
+    return [trt, cuda, "CPUExecutionProvider"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -42,6 +43,12 @@ class OrtBackend(Backend):
     def ort_cpu(self) -> bool:
         return self.providers == ["CPUExecutionProvider"]
 
+    def _prepare_caches(self) -> None:
+        """The TensorRT provider writes engines into the bundle's engines/ folder: made when a session is."""
+        for entry in self.providers:
+            if isinstance(entry, tuple) and entry[1].get("trt_engine_cache_path"):
+                Path(entry[1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+
     def session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
             opts = ort.SessionOptions()
@@ -56,6 +63,7 @@ class OrtBackend(Backend):
             for blob in self._specs[graph].get("external_data", []):  # listed, verified, inside the bundle
                 self.bundle.file(blob)
             check_external_data(self.bundle, name, path)
+            self._prepare_caches()
             self._sessions[graph] = ort.InferenceSession(str(path), opts, providers=self.providers)
         return self._sessions[graph]
 

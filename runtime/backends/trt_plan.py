@@ -1,0 +1,211 @@
+"""The TensorRT backend's plan layer: pure Python, no TensorRT, no GPU (issue 9, item 3).
+
+What it decides, from the manifest alone:
+- **engines and optimization profiles**: one engine per graph, with the profiles every call of the runtime
+  needs (vision: 1..max tiles; decoder: prefill, step and verify; drafter graphs: catch-up and tree levels).
+  ``Plan.profile_for(graph, shapes)`` names the profile that serves a call, or says why none does;
+- **where engines live**: ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` in the bundle, each engine with the
+  sha256 of the graph it was built from. A changed graph, GPU, TensorRT version or precision gives another key
+  or a failed check, so an engine is rebuilt, never silently reused (``EngineCache``);
+- **device buffers**: the KV caches preallocated to ``max_positions`` + the tree, written in place, and what
+  each kind of call copies back to the host (only the rows acceptance needs).
+
+The layer that executes a plan with TensorRT and CUDA is separate and thin; it does not exist yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: (min, opt, max) for each symbolic dimension of the graph's inputs."""
+
+    name: str
+    dims: dict
+
+    def fits(self, values: dict) -> str | None:
+        """None when every dimension is inside its range, else the first one that is not."""
+        for dim, v in values.items():
+            if dim not in self.dims:
+                continue
+            lo, _, hi = self.dims[dim]
+            if not lo <= v <= hi:
+                return f"{dim}={v} outside [{lo}, {hi}]"
+        return None
+
+    def input_shapes(self, inputs: list[dict]) -> dict:
+        """name -> (min shape, opt shape, max shape), as ``IOptimizationProfile.set_shape`` takes them."""
+        out = {}
+        for t in inputs:
+            shapes = []
+            for k in range(3):
+                shapes.append(tuple(d if isinstance(d, int) else self.dims[d][k] for d in t["shape"]))
+            out[t["name"]] = tuple(shapes)
+        return out
+
+
+def _symbolic_values(inputs: list[dict], shapes: dict) -> dict:
+    """The value each symbolic dimension takes in a call (inconsistent values are an error)."""
+    values: dict = {}
+    for t in inputs:
+        shape = shapes[t["name"]]
+        if len(shape) != len(t["shape"]):
+            raise ValueError(f"input {t['name']}: rank {len(shape)}, the graph declares {t['shape']}")
+        for d, v in zip(t["shape"], shape):
+            if isinstance(d, int):
+                if d != v:
+                    raise ValueError(f"input {t['name']}: shape {tuple(shape)}, the graph declares {t['shape']}")
+            elif values.setdefault(d, v) != v:
+                raise ValueError(f"dimension {d!r} is {values[d]} in one input and {v} in {t['name']}")
+    return values
+
+
+def max_tiles(manifest: dict) -> int:
+    """The most tiles one vision call can get: images until the context is full, each at most a grid + global."""
+    pre = manifest["preprocessing"]
+    tile = int(pre["max_image_size"])
+    per_image = 1
+    if pre.get("do_image_splitting"):
+        n = math.ceil(int(pre["size_longest_edge"]) / tile)
+        per_image = n * n + 1
+    seq = int(pre.get("image_seq_len", 1))
+    by_context = max(1, (int(manifest["text"]["max_positions"]) - 1) // max(seq, 1))
+    return max(per_image, min(by_context, 4 * per_image))  # up to 4 images of the bundle's largest grid
+
+
+@dataclass
+class Plan:
+    manifest: dict
+    profiles: dict = field(default_factory=dict)   # graph -> [Profile]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Plan":
+        plan = cls(manifest)
+        text = manifest["text"]
+        P = int(text["max_positions"])
+        tree = manifest.get("tree") or {"total_tokens": 1}
+        N = int(tree["total_tokens"])
+        cap = P + N  # the KV buffer holds the context and one verified tree past it
+        graphs = manifest["graphs"]
+        if "vision" in graphs:
+            t = max_tiles(manifest)
+            pre = manifest["preprocessing"]
+            grid = math.ceil(int(pre["size_longest_edge"]) / int(pre["max_image_size"])) if pre.get("do_image_splitting") else 0
+            plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, min(t, grid * grid + 1), t)})]
+        if "decoder" in graphs:
+            # most specific first: a call takes the first profile it fits (``profile_for``)
+            plan.profiles["decoder"] = [
+                Profile("step", {"q_len": (1, 1, 1), "past_len": (0, P // 2, P - 1), "total_len": (1, P // 2, P)}),
+                # a tree of N (fewer where the context ends) after up to P-1 positions
+                Profile("verify", {"q_len": (1, N, N), "past_len": (0, P // 2, P - 1), "total_len": (1, P // 2 + N, cap - 1)}),
+                # the prompt (or the new part of a session's conversation) after 0..P-1 cached positions
+                Profile("prefill", {"q_len": (1, min(256, P - 1), P - 1), "past_len": (0, 0, P - 1),
+                                    "total_len": (1, min(256, P - 1), P)}),
+            ]
+        info = manifest.get("drafter") or {}
+        for name in {info.get("graph"), info.get("tree_graph")} - {None}:
+            if name not in graphs:
+                continue
+            q_hi = P  # a catch-up covers at most the whole prompt plus the first token
+            scratch = N + int(tree.get("depth", 1)) * int(tree.get("top_k", 1))  # a step's drafted rows, rolled back
+            self_hi = cap + scratch
+            plan.profiles[name] = [Profile("all", {
+                "q_len": (1, max(1, N), q_hi), "m_len": (1, max(1, N), q_hi),
+                "past_len": (0, P // 2, self_hi), "total_len": (1, P // 2, self_hi + q_hi),
+                "mem_len": (0, P // 2, self_hi), "mem_total_len": (1, P // 2, self_hi + q_hi)})]
+        return plan
+
+    def graph_inputs(self, graph: str) -> list[dict]:
+        return self.manifest["graphs"][graph]["inputs"]
+
+    def profile_for(self, graph: str, shapes: dict) -> Profile:
+        """The first profile of ``graph``'s engine that serves a call with these input shapes."""
+        if graph not in self.profiles:
+            raise KeyError(f"graph {graph!r} has no engine in the plan (it has: {sorted(self.profiles)})")
+        values = _symbolic_values(self.graph_inputs(graph), shapes)
+        misses = []
+        for prof in self.profiles[graph]:
+            why = prof.fits(values)
+            if why is None:
+                return prof
+            misses.append(f"{prof.name}: {why}")
+        raise ValueError(f"graph {graph!r}: no profile serves {values} ({'; '.join(misses)})")
+
+    # --- device buffers -----------------------------------------------------------------------------
+    def kv_buffers(self, dtype: str = "float16") -> dict:
+        """The target's KV caches on the device: one [1, kv_heads, capacity, head_dim] buffer per layer for keys
+        and one for values, capacity = max_positions + the tree; byte offsets into one allocation."""
+        text = self.manifest["text"]
+        cap = int(text["max_positions"]) + int((self.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
+        shape = (1, int(text["kv_heads"]), cap, int(text["head_dim"]))
+        nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+        align = 256  # cudaMalloc alignment
+        step = (nbytes + align - 1) // align * align
+        buffers, offset = {}, 0
+        for i in range(int(text["num_layers"])):
+            for kind in ("key", "value"):
+                buffers[f"{kind}_{i}"] = {"shape": shape, "dtype": dtype, "offset": offset, "bytes": nbytes}
+                offset += step
+        return {"buffers": buffers, "total_bytes": offset, "capacity": cap}
+
+    def copy_back(self, call: str, q_len: int, accepted: int = 0) -> dict:
+        """Bytes each kind of call copies to the host: logits and hidden rows that acceptance needs, never K/V.
+        prefill/step: the last row's logits and the rows' hidden states (the drafter's memory);
+        verify: every row's logits (the acceptance walk) and the hidden rows of the accepted path only."""
+        text = self.manifest["text"]
+        v, h = int(text["vocab_size"]), int(text["hidden_size"])
+        if call in ("prefill", "step"):
+            rows_logits, rows_hidden = 1, q_len
+        elif call == "verify":
+            rows_logits, rows_hidden = q_len, accepted + 1
+        else:
+            raise ValueError(f"call {call!r}: expected prefill, step or verify")
+        return {"logits_bytes": rows_logits * v * 4, "hidden_bytes": rows_hidden * h * 4, "kv_bytes": 0}
+
+
+# --- engine cache --------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def engine_dir(bundle: Path, gpu_name: str, compute_capability: tuple[int, int], trt_version: str, precision: str) -> Path:
+    """``engines/<gpu>-sm<cc>-trt<version>-<precision>/``: engines are not portable across any of these."""
+    major, minor = compute_capability
+    return Path(bundle) / "engines" / f"{_slug(gpu_name)}-sm{major}{minor}-trt{trt_version}-{precision}"
+
+
+class EngineCache:
+    """Engines of one (GPU, TensorRT, precision) folder; each ``<graph>.plan`` has a ``<graph>.json`` recording the
+    sha256 of the graph it was built from. ``lookup`` returns the engine only when that sha256 still matches."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def lookup(self, graph: str, graph_sha256: str) -> Path | None:
+        plan, meta = self.folder / f"{graph}.plan", self.folder / f"{graph}.json"
+        if not plan.is_file() or not meta.is_file():
+            return None
+        try:
+            recorded = json.loads(meta.read_text()).get("graph_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return plan if recorded == graph_sha256 else None
+
+    def store(self, graph: str, graph_sha256: str, engine_bytes: bytes, extra: dict | None = None) -> Path:
+        """Write the engine and its record, each to a temp file first, then renamed: never half-written."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        plan, meta = self.folder / f"{graph}.plan", self.folder / f"{graph}.json"
+        for path, data in ((plan, engine_bytes), (meta, json.dumps({"graph_sha256": graph_sha256, **(extra or {})}).encode())):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        return plan
