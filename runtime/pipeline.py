@@ -94,6 +94,7 @@ class Pipeline:
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
         self._lock = threading.RLock()  # one call at a time (see stream_chat)
+        self._reusable = None  # (image fingerprints, Context) of the last stream_chat(reuse=True)
         runtime_cfg = m.get("runtime") or {}
         self.speculative_default = self.has_drafter and bool(runtime_cfg.get("speculative", True))
         self.speculative_note = runtime_cfg.get("speculative_note") if self.has_drafter and not self.speculative_default else None
@@ -225,8 +226,14 @@ class Pipeline:
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
                     bgr: bool = False, deadline_s: float | None = None, stop=None, cancel=None,
-                    image_splitting: bool | None = None, longest_edge: int | None = None) -> Iterator["StreamEvent"]:
-        """The next assistant turn of ``messages`` (see ``prepare_messages``), streamed, on a fresh context.
+                    image_splitting: bool | None = None, longest_edge: int | None = None,
+                    reuse: bool = False) -> Iterator["StreamEvent"]:
+        """The next assistant turn of ``messages`` (see ``prepare_messages``), streamed.
+
+        ``reuse=False`` (default) computes everything on a fresh context. ``reuse=True`` keeps the last reused
+        call's context: when this call's images are the same pixels (after preprocessing) as that call's, their
+        vision output and the longest common token prefix are reused, so a client that resends a growing
+        conversation (as OpenAI-style chat clients do) pays only for the new turn; the answer is the same.
 
         Control: ``deadline_s`` stops with ``stop_reason == "time"`` once that many seconds have passed since the
         call began; ``stop`` (a string or a list) ends the answer before the first stop string, which is not
@@ -239,8 +246,19 @@ class Pipeline:
         with self._lock:
             t0 = time.perf_counter()
             prep = self.prepare_messages(messages, bgr, image_splitting, longest_edge)
-            ctx = self.new_context()
-            ctx.image_embeds = self.vision(prep.tiles)
+            if reuse:
+                import hashlib
+
+                key = tuple(hashlib.blake2b(np.ascontiguousarray(t).tobytes(), digest_size=16).hexdigest() for t in prep.tiles)
+                if self._reusable is not None and self._reusable[0] == key:
+                    ctx = self._reusable[1]
+                else:
+                    ctx = self.new_context()
+                    ctx.image_embeds = self.vision(prep.tiles)
+                    self._reusable = (key, ctx)
+            else:
+                ctx = self.new_context()
+                ctx.image_embeds = self.vision(prep.tiles)
             yield from self._decode(ctx, prep.input_ids, opts, t0)
 
     def session(self, images=None, system: str | None = None, bgr: bool = False, image_splitting: bool | None = None,

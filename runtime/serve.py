@@ -189,12 +189,13 @@ class Server:
     """State shared by the routes: the pipeline, the queue bound, counters (``/health``)."""
 
     def __init__(self, pipe, model_name: str, max_queue: int = 8, allow_local_files: bool = False,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, reuse: bool = True):
         self.pipe = pipe
         self.model_name = model_name
         self.max_queue = max_queue
         self.allow_local_files = allow_local_files
         self.max_body_bytes = max_body_bytes
+        self.reuse = reuse  # keep the last request's context: a resent, growing conversation pays for its new turn
         self.in_flight = 0  # queued + running
         self.counts = {"completed": 0, "cancelled": 0, "rejected_busy": 0, "errors": 0}
         self.last = {}
@@ -344,7 +345,7 @@ class Server:
 
         try:
             final = None
-            for event in self.pipe.stream_chat(messages, cancel=cancel, **options):
+            for event in self.pipe.stream_chat(messages, cancel=cancel, reuse=self.reuse, **options):
                 if event.final is None:
                     put(("piece", event.text))
                 else:
@@ -383,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=8, help="requests queued or running before 429 (default 8)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20))
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="compute every request from scratch (default: reuse the previous request's K/V where its "
+                        "images and leading tokens match)")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-trt, trt (as dream-run)")
     return p
 
@@ -409,7 +413,7 @@ def main(argv=None) -> int:
         print(f"dream-serve: error: {exc}", file=sys.stderr)
         return 2
     server = Server(pipe, args.model_name or Path(bundle).resolve().name, args.max_queue, args.allow_local_files,
-                    int(args.max_body_mb * (1 << 20)))
+                    int(args.max_body_mb * (1 << 20)), reuse=not args.no_prefix_reuse)
     print(f"dream-serve: {server.model_name} on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}: "
           f"{pipe.backend.why}; loaded in {pipe.load_ms:.0f} ms)",
           file=sys.stderr)

@@ -245,3 +245,25 @@ def test_smolvlm_tiny_served(tiny, images):
         assert r.choices[0].finish_reason == "stop" and want.stop_reason == "stop_token"
     finally:
         stop()
+
+
+def test_resent_conversation_reuses_the_previous_request(served, images):
+    """OpenAI-style clients resend the whole conversation each turn: the server keeps the last request's K/V, so
+    the second turn reports cached prompt tokens and still answers as a fresh call does; other images: none."""
+    srv, url, client = served
+    img = {"type": "image_url", "image_url": {"url": data_url(images["chelsea"])}}
+    turn1 = [{"role": "user", "content": [img, {"type": "text", "text": "Describe the image."}]}]
+    r1 = client.chat.completions.create(model=MODEL, messages=turn1, temperature=0, max_tokens=12)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "How many shapes are there?"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=turn2, temperature=0, max_tokens=12,
+                                        extra_body={"speculative": True})
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 1  # all of turn 1's prompt
+    want = srv.pipe.chat([{"role": "user", "content": [{"type": "image", "image": str(images["chelsea"])},
+                                                        {"type": "text", "text": "Describe the image."}]}] + turn2[1:],
+                         max_new_tokens=12)
+    assert r2.choices[0].message.content == want.text and want.cached_tokens == 0
+    other = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images["rocket"])}},
+                                          {"type": "text", "text": "Describe the image."}]}]
+    r3 = client.chat.completions.create(model=MODEL, messages=other, temperature=0, max_tokens=4)
+    assert r3.usage.prompt_tokens_details.cached_tokens == 0  # other pixels: nothing reused
