@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--draft-precision", choices=["fp32", "int8", "int4"], default="fp32",
                    help="also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the target "
                         "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="precision of the vision and decoder graphs for GPUs: fp16 keeps norms, softmax, the mask, "
+                        "rotary and the LM head in FP32 inside the graph (TensorRT strongly typed); int8 is not done yet")
     p.add_argument("--cpu-precision", choices=["fp32", "int8", "int4"], default="fp32",
                    help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, fp32 activations and LM head "
                         "(decoder.onnx, TensorRT's graph, stays fp32; greedy output then equals plain decoding at that precision)")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
         export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=drafter,
                                                                    tree=tree, keep_visual=args.keep_visual,
                                                                    draft_precision=args.draft_precision, runtime=runtime_cfg,
-                                                                   cpu_precision=args.cpu_precision),
+                                                                   cpu_precision=args.cpu_precision,
+                                                                   precision=args.precision),
                       quiet=args.quiet)
         if args.tune:
             if drafter is None:

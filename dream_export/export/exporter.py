@@ -39,6 +39,7 @@ class ExportOptions:
     draft_precision: str = "fp32"     # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
     runtime: dict | None = None       # manifest "runtime" defaults (threads, speculative) measured for a shipped drafter
     cpu_precision: str = "fp32"       # int8 / int4: the ORT-CPU decoder with weight-only quantized MatMuls (LM head too)
+    precision: str = "fp32"           # fp16: vision and decoder graphs in FP16 with FP32 islands (export/precision.py)
 
 
 class _Stages:
@@ -94,6 +95,11 @@ def _commit(tmp: Path, out: Path) -> None:
 def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quiet: bool = False) -> Path:
     from ..targets import adapter_for
 
+    from .precision import PRECISIONS
+
+    if opts.precision not in PRECISIONS:
+        raise DreamExportError(f"--precision {opts.precision!r}: {'INT8 graphs (calibration/) are not done yet; ' if opts.precision == 'int8' else ''}"
+                               f"expected one of {', '.join(PRECISIONS)}")
     stages = _Stages([], quiet=quiet)
     adapter = adapter_for(model, processor)
     set_eager_attention(model)
@@ -137,6 +143,9 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             if opts.cpu_precision != "fp32":
                 f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
                 checks += q_checks
+        if opts.precision != "fp32":
+            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, opts.seed, stages)
+            checks += p_checks
         drafter_info = None
         if opts.drafter is not None:
             drafter_info, dr_specs, dr_checks = _export_drafter(adapter, opts, tmp, stages)
@@ -174,6 +183,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 "preprocessing": pre,
                 "chat_template": adapter.chat_template(),
                 "special_tokens": {"stop_token_ids": adapter.stop_token_ids(), "image_token_id": adapter.image_token_id},
+                "precision": opts.precision,
                 "tree": (opts.tree or TreeSpec()).to_json() if drafter_info else None,
                 "drafter": drafter_info,
                 "validation": [c_.__dict__ for c_ in checks],
@@ -193,6 +203,30 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _fp16_graphs(v_spec, d_spec, folder: Path, cases, seed: int, stages):
+    """Replace vision.onnx and decoder.onnx by their FP16 twins (FP32 islands, FP32 I/O), each checked against
+    the FP32 graph it came from. The fused ORT-CPU decoder stays FP32 (a CPU has no fast FP16 path)."""
+    from dataclasses import replace
+
+    from .precision import to_fp16, validate_fp16
+
+    checks, out = [], []
+    rng = np.random.default_rng(seed)
+    vision_cases = [("tiles2", {"pixel_values": rng.uniform(-1, 1, (2, *v_spec.inputs[0].dims[1:])).astype(np.float32)})]
+    for spec, spec_cases in ((v_spec, vision_cases), (d_spec, cases)):
+        src = folder / spec.file
+        fp32_copy = folder / (spec.file + ".fp32")
+        src.rename(fp32_copy)
+        with stages.stage(f"fp16 {spec.file} (weights and matrix products FP16; norms, softmax, mask, rotary, head FP32)"):
+            record = to_fp16(fp32_copy, src)
+        with stages.stage(f"check fp16 {spec.file} against its FP32 graph"):
+            c, max_act = validate_fp16(spec.name, fp32_copy, src, spec_cases)
+        fp32_copy.unlink()
+        checks += c
+        out.append(replace(spec, extra={**spec.extra, **record, "max_fp16_activation": round(max_act, 3)}))
+    return out[0], out[1], checks
 
 
 def _quantize_cpu_decoder(f_spec, folder: Path, cases, precision: str, stages):
