@@ -1,5 +1,2 @@
-"""INT8 calibration (calibration sets from images/prompts, Q/DQ quantization, accuracy/acceptance report).
-
-Not implemented yet: no issue has asked for it so far. The scene generator (dream_export.scenes) is meant
-to provide calibration data; the arrows are calibration -> runtime, never runtime -> calibration.
-"""
+"""INT8 calibration: calibration inputs recorded from real prompts, ONNX Runtime's static QDQ quantization,
+checks against FP32 (``calibration.int8``). The arrows are calibration -> runtime, never runtime -> calibration."""

@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="precision of the vision and decoder graphs for GPUs: fp16 keeps norms, softmax, the mask, "
-                        "rotary and the LM head in FP32 inside the graph (TensorRT strongly typed); int8 is not done yet")
+                        "rotary and the LM head in FP32 inside the graph (TensorRT strongly typed); int8 = calibrated "
+                        "QDQ MatMuls (calibration/)")
+    p.add_argument("--calib-data", default="scenes:48", metavar="D",
+                   help="--precision int8: calibration prompts, scenes:N or a JSONL / LLaVA file (as dream-train --data)")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N", help="use the first N calibration prompts")
     p.add_argument("--cpu-precision", choices=["fp32", "int8", "int4"], default="fp32",
                    help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, fp32 activations and LM head "
                         "(decoder.onnx, TensorRT's graph, stays fp32; greedy output then equals plain decoding at that precision)")
@@ -105,12 +109,28 @@ def main(argv=None) -> int:
                 runtime_cfg = None if args.tree else runtime_defaults(drafter)  # measured for the shipped tree only
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
-        export_bundle(model, processor, info, ExportOptions(out=out, force=args.force, seed=args.seed, drafter=drafter,
-                                                                   tree=tree, keep_visual=args.keep_visual,
-                                                                   draft_precision=args.draft_precision, runtime=runtime_cfg,
-                                                                   cpu_precision=args.cpu_precision,
-                                                                   precision=args.precision),
-                      quiet=args.quiet)
+        int8 = args.precision == "int8"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if int8 and out.exists() and not args.force:
+            raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as fp32_tmp:
+            target = Path(fp32_tmp) / "bundle" if int8 else out
+            export_bundle(model, processor, info, ExportOptions(out=target, force=args.force, seed=args.seed, drafter=drafter,
+                                                                tree=tree, keep_visual=args.keep_visual,
+                                                                draft_precision=args.draft_precision, runtime=runtime_cfg,
+                                                                cpu_precision=args.cpu_precision,
+                                                                precision="fp32" if int8 else args.precision),
+                          quiet=args.quiet)
+            if int8:  # INT8 graphs are calibrated by running the FP32 bundle on real prompts
+                from calibration.int8 import CalibrationError, calibrate_bundle
+
+                try:
+                    calibrate_bundle(target, out, args.calib_data, args.calib_samples, force=args.force)
+                except CalibrationError as exc:
+                    raise DreamExportError(str(exc)) from exc
+                print(f"dream-export: INT8 graphs calibrated on {args.calib_data}: {out}", file=sys.stderr)
         if args.tune:
             if drafter is None:
                 raise DreamExportError("--tune needs --drafter: it picks the draft tree")

@@ -90,6 +90,8 @@ class Pipeline:
         self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
+        if fused is None and m.get("precision", "fp32") != "fp32":
+            fused = False  # an FP16 / INT8 bundle runs its own graphs (the fused ORT-CPU decoder is FP32)
         self.fused = fused
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree

@@ -98,8 +98,9 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     from .precision import PRECISIONS
 
     if opts.precision not in PRECISIONS:
-        raise DreamExportError(f"--precision {opts.precision!r}: {'INT8 graphs (calibration/) are not done yet; ' if opts.precision == 'int8' else ''}"
-                               f"expected one of {', '.join(PRECISIONS)}")
+        hint = ("INT8 graphs are calibrated from an FP32 bundle by calibration.int8.calibrate_bundle "
+                "(dream-export --precision int8 does both); " if opts.precision == "int8" else "")
+        raise DreamExportError(f"precision {opts.precision!r}: {hint}export_bundle expects one of {', '.join(PRECISIONS)}")
     stages = _Stages([], quiet=quiet)
     adapter = adapter_for(model, processor)
     set_eager_attention(model)

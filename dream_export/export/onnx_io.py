@@ -19,6 +19,7 @@ TRT_PARSABLE = {
     "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape",
     "ScatterND", "Shape", "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh",
     "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Where", "Xor", "Gelu",
+    "QuantizeLinear", "DequantizeLinear",  # explicit quantization (INT8 QDQ graphs, calibration/)
 }
 
 

@@ -1,0 +1,194 @@
+"""INT8 graphs by explicit quantization: QuantizeLinear/DequantizeLinear pairs in the form TensorRT consumes
+(symmetric INT8, per-channel weights, per-tensor activations), calibrated on real inputs.
+
+The quantizer is ONNX Runtime's own static QDQ quantization (``onnxruntime.quantization.quantize_static``), not
+NVIDIA ModelOpt: it is already a dependency, runs on this CPU, and writes standard QDQ; ModelOpt's ``[onnx]``
+extra pins onnxruntime-gpu and onnx versions that would fight the runtime's.
+
+Calibration inputs are the graphs' real inputs: the FP32 bundle is run through the runtime on calibration prompts
+(``scenes:N`` or a JSONL / LLaVA file, as ``dream-train --data`` reads) plainly and speculatively, and every
+vision and decoder call's feeds are recorded (prefill, step and verify shapes alike). The last recorded calls are
+held out to check the INT8 graph against the FP32 one. Which ops are quantized is a recorded decision:
+MatMul only (the attention and MLP projections, attention's two batched products); the LM head (Gemm), norms,
+softmax, rotary and the mask stay float, as in the FP16 graphs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+CALIB_SEED = 40_000_000          # scene seeds of calibration prompts: not training (<10M), dream-eval, dream-check
+QUANTIZED_OPS = ["MatMul"]
+INT8_RELATIVE_TOLERANCE = 0.3    # relative L2 error of every output vs the FP32 graph on held-out calls: a sanity
+                                 # bound (a broken graph is off by ~100%; per-tensor INT8 activations reach 0.2 on smolvlm-tiny)
+INT8_MIN_TOP1_AGREEMENT = 0.85
+NEAR_TIE = 0.05                  # top-1 "agrees" when INT8's pick is within 5% of FP32's logit range of FP32's top-1
+FORMAT = "QDQ; symmetric INT8; per-channel weights; per-tensor activations (MinMax)"
+
+
+class CalibrationError(Exception):
+    pass
+
+
+def record_inputs(bundle: Path, samples, graphs=("vision", "decoder"), max_new_tokens: int = 32,
+                  limit: int = 400) -> dict:
+    """graph -> list of feeds, recorded while the FP32 bundle answers ``samples`` (dream_export.train.data
+    Samples), plain and speculative, on its standard graphs."""
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, fused=False)
+    recorded = {g: [] for g in graphs}
+    run = pipe.backend.run
+
+    def wrapped(graph, feeds, outputs=None):
+        if graph in recorded and len(recorded[graph]) < limit:
+            recorded[graph].append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        return run(graph, feeds, outputs)
+
+    pipe.backend.run = wrapped
+    from dream_export.train.data import open_images
+
+    modes = [False, True] if pipe.has_drafter else [False]
+    for i, sample in enumerate(samples):
+        pipe.generate(open_images(sample), sample.prompt, max_new_tokens=max_new_tokens, speculative=modes[i % len(modes)])
+    return recorded
+
+
+def quantize_graph(src: Path, dst: Path, feeds: list[dict]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        inline = Path(tmp) / "inline.onnx"  # the bundle's shared weights.bin, read in: the quantizer works on copies
+        onnx.save(onnx.load(str(src)), str(inline))
+        pre = Path(tmp) / "pre.onnx"
+        # shape inference and folding first (skip_symbolic_shape: these graphs' dynamic dims defeat it)
+        quant_pre_process(str(inline), str(pre), skip_symbolic_shape=True)
+        out = Path(tmp) / "q.onnx"
+        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                        op_types_to_quantize=QUANTIZED_OPS,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        out.replace(dst)
+
+
+def top1_agreement(ref: np.ndarray, got: np.ndarray, near: float = NEAR_TIE) -> float:
+    """Share of rows whose INT8 top-1 token is FP32's top-1, or within ``near`` x the row's FP32 logit range of
+    it (a near-tie either model may break either way: random-weight test models are all near-ties)."""
+    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    g = got.reshape(-1, got.shape[-1])
+    pick = g.argmax(-1)
+    best = r.max(-1)
+    picked = r[np.arange(len(r)), pick]
+    return float(np.mean(picked >= best - near * (best - r.min(-1))))
+
+
+def validate_int8(name: str, float_path: Path, q_path: Path, feeds: list[dict]) -> list[dict]:
+    """The INT8 graph against its FP32 graph on held-out recorded calls."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ref, got_s = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (float_path, q_path))
+    names = [o.name for o in ref.get_outputs()]
+    checks = []
+    for i, f in enumerate(feeds):
+        r = dict(zip(names, ref.run(names, f)))
+        g = dict(zip(names, got_s.run(names, f)))
+        for out in names:
+            if r[out].dtype != np.float32:
+                continue
+            err = float(np.linalg.norm(g[out] - r[out]) / (np.linalg.norm(r[out]) + 1e-12)) if np.isfinite(g[out]).all() else float("inf")
+            c = {"graph": f"{name}_int8", "case": f"heldout{i}", "output": f"{out} (relative L2 error)", "max_abs_diff": err,
+                 "atol": INT8_RELATIVE_TOLERANCE, "ok": err <= INT8_RELATIVE_TOLERANCE}
+            if out == "logits" and np.isfinite(g[out]).all():
+                agree = top1_agreement(r[out], g[out])
+                c.update(argmax_agreement=agree, min_agreement=INT8_MIN_TOP1_AGREEMENT, ok=c["ok"] and agree >= INT8_MIN_TOP1_AGREEMENT)
+            checks.append(c)
+    return checks
+
+
+def calibrate_bundle(src: Path, out: Path, data: str = "scenes:48", samples: int | None = None,
+                     force: bool = False, heldout: int = 4) -> Path:
+    """Write ``out``: the FP32 bundle ``src`` with its vision and decoder graphs replaced by calibrated INT8 QDQ
+    graphs, each checked against the FP32 graph; the manifest records precision, quantized ops, format and the
+    calibration set. Nothing is half-written: the bundle is assembled in a temp folder and renamed."""
+    from dream_export.train.data import load_samples
+    from runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise CalibrationError(f"{out}: output folder exists; pass --force to replace it")
+    items = load_samples(data, seed=CALIB_SEED)
+    if samples is not None:
+        if samples < 1:
+            raise CalibrationError(f"--calib-samples {samples}: expected at least 1")
+        items = items[:samples]
+    if len(items) < 2:
+        raise CalibrationError(f"--calib-data {data!r}: {len(items)} prompt(s); expected at least 2 (some are held out)")
+    recorded = record_inputs(Path(src), items)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        all_checks = []
+        for graph, feeds in recorded.items():
+            if not feeds:
+                continue
+            n_held = min(heldout, max(1, len(feeds) // 5))
+            calib, held = feeds[:-n_held], feeds[-n_held:]
+            entry = manifest["graphs"][graph]
+            src_path = tmp / entry["file"]
+            q_path = tmp / f"{Path(entry['file']).stem}_int8.onnx"
+            quantize_graph(src_path, q_path, calib or feeds)
+            checks = validate_int8(graph, src_path, q_path, held)
+            bad = [c for c in checks if not c["ok"]]
+            if bad:
+                lines = "; ".join(f"{c['graph']}/{c['case']}/{c['output']}: {c['max_abs_diff']:.3g} "
+                                  f"(at most {c['atol']})" + (f", top-1 {c['argmax_agreement']:.0%}" if "argmax_agreement" in c else "")
+                                  for c in bad[:6])
+                raise CalibrationError(f"INT8 {graph} differs too much from FP32 on held-out calls: {lines}")
+            all_checks += checks
+            from dream_export.export.onnx_io import op_inventory
+
+            inventory = op_inventory(q_path)
+            if inventory["non_standard"] or inventory["not_trt_parsable"]:
+                raise CalibrationError(f"{q_path.name}: ops TensorRT cannot parse: "
+                                       f"{inventory['non_standard'] + inventory['not_trt_parsable']}")
+            src_path.unlink()
+            entry.update(inventory)
+            entry["file"] = q_path.name
+            entry["external_data"] = []
+            entry.update(precision="int8", quantized_ops=QUANTIZED_OPS, quantization=FORMAT,
+                         calibration={"data": data, "prompts": len(items), "calls": len(calib), "heldout_calls": len(held),
+                                      "seed": CALIB_SEED if data.startswith("scenes:") else None})
+        manifest["precision"] = "int8"
+        manifest["validation"] = list(manifest.get("validation", [])) + all_checks
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        part = tmp / (MANIFEST + ".part")
+        part.write_text(json.dumps(manifest, indent=1))
+        os.replace(part, tmp / MANIFEST)
+        Bundle.load(tmp)  # verifies every file
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
