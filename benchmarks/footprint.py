@@ -110,12 +110,9 @@ def main(argv=None) -> int:
     if args.bundle is None:
         p.error("--bundle is required")
     out = measure(str(args.bundle), args.generations, min(args.warmup, args.generations))
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+    from dream_export.reports import emit
+
+    emit(out, args.json)
     return 0
 
 

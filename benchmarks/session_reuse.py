@@ -8,7 +8,6 @@ Both sides run in this process, warm, alternating, on the same frames.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -77,12 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     out = measure(str(args.bundle), args.frames, args.max_new_tokens)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+    from dream_export.reports import emit
+
+    emit(out, args.json)
     return 0
 
 

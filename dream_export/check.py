@@ -17,7 +17,6 @@ Torch-free: the runtime plus the scene renderer (numpy, pillow).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -186,12 +185,9 @@ def main(argv=None) -> int:
     except RuntimeErrorBase as exc:
         print(f"dream-check: error: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".part")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.json)
+    from .reports import emit
+
+    emit(report, args.json, indent=1)
     if not report["lossless"]:
         print(f"dream-check: speculative decoding differs from plain decoding on {len(report['speculative_mismatches'])} "
               f"prompt(s) on backend {report['backend']}: please report this JSON", file=sys.stderr)
