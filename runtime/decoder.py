@@ -35,7 +35,7 @@ class PlainDecoder(DecoderRunner):
     def __init__(self, backend, graph: dict, text: dict, capacity: int):
         self.backend = backend
         self.names = graph["kv"]
-        self.cache = KVCache(text["num_layers"], text["kv_heads"], text["head_dim"], capacity)
+        self.cache = KVCache(text["num_layers"], text["kv_heads"], text["head_dim"], capacity, self.names.get("layout", "bhsd"))
         self.capacity = capacity
         self._pending = None
 
@@ -128,9 +128,13 @@ class FusedOrtDecoder(DecoderRunner):
         self.length = min(self.length, length)
 
 
-def make_decoder(backend, bundle, capacity: int, fused: bool | None = None) -> DecoderRunner:
+def make_decoder(backend, bundle, capacity: int, fused: bool | str | None = None) -> DecoderRunner:
+    """``fused``: None picks the fused ORT-CPU decoder where it applies; ``"device"`` keeps K/V resident in the
+    backend's memory (``backends/device.py``; what GPU backends use, also runnable on the CPU)."""
     graphs = bundle.manifest["graphs"]
     text = bundle.manifest["text"]
+    if fused == "device" or (fused is not True and getattr(backend, "device_kv", False)):
+        return backend.device_decoder(capacity)
     can_fuse = FusedOrtDecoder.GRAPH in graphs and backend.ort_cpu
     if fused is None:
         fused = can_fuse

@@ -74,7 +74,7 @@ class Pipeline:
     (``dream-export --tune``, or the measurement shipped with a built-in drafter)."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None,
-                 warm: bool = True, _t0: float | None = None):
+                 warm: bool = True, _t0: float | None = None, context: int | None = None):
         t0 = time.perf_counter() if _t0 is None else _t0
         m = bundle.manifest
         self.bundle = bundle
@@ -90,6 +90,10 @@ class Pipeline:
         self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
+        if context is not None:  # a shorter context preallocates less K/V (runtime/budget.py: Jetson budgets)
+            if not 2 <= int(context) <= self.max_positions:
+                raise InputError(f"context {context}: expected 2..{self.max_positions} positions (the model's maximum)")
+            self.max_positions = int(context)
         if fused is None and m.get("precision", "fp32") != "fp32":
             fused = False  # an FP16 / INT8 bundle runs its own graphs (the fused ORT-CPU decoder is FP32)
         self.fused = fused
@@ -111,7 +115,7 @@ class Pipeline:
         from .tree import TreeSpec
 
         graphs = self.bundle.manifest["graphs"]
-        fused = self.fused if self.fused is not None else (FusedOrtDecoder.GRAPH in graphs and self.backend.ort_cpu)
+        fused = (self.fused is True) if self.fused is not None else (FusedOrtDecoder.GRAPH in graphs and self.backend.ort_cpu)
         names = ["vision", FusedOrtDecoder.GRAPH if fused else "decoder"]
         if self.speculative_default if speculative is None else speculative:
             tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
@@ -128,10 +132,12 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, backend: str = "auto", threads: int | None = None, verify: bool = True,
-                    fused: bool | None = None, warm: bool = True) -> "Pipeline":
-        """``fused=None`` picks the fused ORT-CPU decoder when the bundle has one and the backend is ORT on a CPU."""
+                    fused: bool | None = None, warm: bool = True, context: int | None = None) -> "Pipeline":
+        """``fused=None`` picks the fused ORT-CPU decoder when the bundle has one and the backend is ORT on a CPU;
+        ``fused="device"`` keeps K/V resident in the backend's memory (the GPU path's decoder; on the CPU, its test)."""
         t0 = time.perf_counter()
-        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads, fused=fused, warm=warm, _t0=t0)
+        return cls(Bundle.load(Path(path), verify=verify), backend=backend, threads=threads, fused=fused, warm=warm, _t0=t0,
+                   context=context)
 
     # --- inputs -----------------------------------------------------------------------------------
     def prompt_text(self, num_images: int, prompt: str) -> str:

@@ -81,9 +81,10 @@ def open_for_hf(path: Path) -> Image.Image:
 
 @functools.lru_cache(maxsize=8)
 def hf_model(model_dir: str):
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+    """transformers' own model class for the folder (any family) and its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = Idefics3ForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     return model, AutoProcessor.from_pretrained(model_dir)
 
 

@@ -22,17 +22,27 @@ def test_auto_prefers_tensorrt_then_cuda_then_cpu():
     assert resolve_backend("ort", CPU)[0] == "ort-cpu" and resolve_backend("ort-cuda", CUDA)[0] == "ort-cuda"
 
 
-@pytest.mark.parametrize("name,providers,trt,needle", [
-    ("ort-cuda", CPU, None, "pip install onnxruntime-gpu"),
-    ("ort-trt", CUDA, None, "TensorRT provider"),
-    ("trt", TRT, None, "pip install 'dream-export[trt]'"),
-    ("trt", TRT, "10.2.0.post1", "older than the minimum 10.3"),
-    ("trt", TRT, "8.6.1", "older than the minimum 10.3"),
-    ("trt", TRT, "10.3.0", "no TensorRT engine backend yet"),
+def test_auto_takes_native_tensorrt_only_after_onnx_runtimes_providers():
+    assert resolve_backend("auto", CPU, trt_version="10.3.0", cuda_python=True)[0] == "trt"
+    assert resolve_backend("auto", CUDA, trt_version="10.3.0", cuda_python=True)[0] == "ort-cuda"
+    assert resolve_backend("auto", CPU, trt_version="10.3.0", cuda_python=False)[0] == "ort-cpu"
+    assert resolve_backend("auto", CPU, trt_version="8.6.1", cuda_python=True)[0] == "ort-cpu"
+    assert resolve_backend("trt", CPU, trt_version="10.3.0", cuda_python=True) == ("trt", "asked for")
+    assert resolve_backend("trt", CPU, trt_version="11.0.0", cuda_python=True)[0] == "trt"
+
+
+@pytest.mark.parametrize("name,providers,trt,cuda_python,needle", [
+    ("ort-cuda", CPU, None, None, "pip install onnxruntime-gpu"),
+    ("ort-trt", CUDA, None, None, "TensorRT provider"),
+    ("trt", TRT, None, True, "pip install 'dream-export[trt]'"),
+    ("trt", TRT, "10.3.0", False, "needs cuda-python"),
+    ("trt", TRT, None, False, "TensorRT's Python package (10.3 or newer) and cuda-python"),
+    ("trt", TRT, "10.2.0.post1", True, "older than the minimum 10.3"),
+    ("trt", TRT, "8.6.1", True, "older than the minimum 10.3"),
 ])
-def test_unavailable_backends_name_what_is_missing(name, providers, trt, needle):
+def test_unavailable_backends_name_what_is_missing(name, providers, trt, cuda_python, needle):
     with pytest.raises(BackendUnavailable) as info:
-        resolve_backend(name, providers, trt_version=trt)
+        resolve_backend(name, providers, trt_version=trt, cuda_python=cuda_python)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 

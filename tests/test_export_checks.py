@@ -77,7 +77,7 @@ def test_decoder_cases_use_real_tokens_and_the_graphs_own_prefill(zoo):
     sess = ort.InferenceSession(str(bundle / "decoder.onnx"), providers=["CPUExecutionProvider"])
     present = sess.run(["present_key_0"], prefill)[0]
     np.testing.assert_array_equal(step["past_key_0"], present)
-    assert tree["past_key_0"].shape[2] == len(sample.prompt_ids) + 1 and tree["inputs_embeds"].shape[1] == 16
+    assert tree["past_key_0"].shape[1] == len(sample.prompt_ids) + 1 and tree["inputs_embeds"].shape[1] == 16  # [1,P,kvh,hd]
 
 
 def test_weights_are_stored_once_and_embeddings_come_from_them(zoo):

@@ -57,7 +57,7 @@ def test_profile_miss_says_why(zoo):
     plan = Plan.from_manifest(Pipeline.from_bundle(bundle).bundle.manifest)
     text = plan.manifest["text"]
     P, h = text["max_positions"], text["hidden_size"]
-    kv = {f"past_{k}_{i}": (1, text["kv_heads"], P + 50, text["head_dim"]) for i in range(text["num_layers"]) for k in ("key", "value")}
+    kv = {f"past_{k}_{i}": (1, P + 50, text["kv_heads"], text["head_dim"]) for i in range(text["num_layers"]) for k in ("key", "value")}
     shapes = {"inputs_embeds": (1, 1, h), "attention_mask": (1, 1, 1, P + 51), "position_ids": (1, 1), **kv}
     with pytest.raises(ValueError, match="no profile serves"):
         plan.profile_for("decoder", shapes)
@@ -83,6 +83,11 @@ def test_kv_buffer_plan_and_copy_back(zoo):
     verify = plan.copy_back("verify", n, accepted=2)
     assert verify["kv_bytes"] == 0 and verify["hidden_bytes"] == 3 * text["hidden_size"] * 4
     assert plan.copy_back("step", 1)["logits_bytes"] == text["vocab_size"] * 4
+    # a prompt prefill longer than the tree brings back one logits row; the shapes are the device decoder's layout
+    assert plan.copy_back("prefill", n + 40)["logits_bytes"] == text["vocab_size"] * 4
+    assert plan.logits_rows(n) == n and plan.logits_rows(n + 1) == 1
+    assert next(iter(kv["buffers"].values()))["shape"] == (1, kv["capacity"], text["kv_heads"], text["head_dim"])
+    assert kv["row_bytes"] == text["kv_heads"] * text["head_dim"] * 2
 
 
 def test_engine_cache_keys_and_rebuilds(tmp_path):

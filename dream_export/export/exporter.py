@@ -37,6 +37,7 @@ class ExportOptions:
     tree: "TreeSpec | None" = None
     keep_visual: float | None = None  # override the drafter config's visual token compression
     draft_precision: str = "fp32"     # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
+    draft_float: str | None = None    # the draft graphs' own precision (fp32 / fp16); None: fp16 when precision is
     runtime: dict | None = None       # manifest "runtime" defaults (threads, speculative) measured for a shipped drafter
     cpu_precision: str = "fp32"       # int8 / int4: the ORT-CPU decoder with weight-only quantized MatMuls (LM head too)
     precision: str = "fp32"           # fp16: vision and decoder graphs in FP16 with FP32 islands (export/precision.py)
@@ -177,6 +178,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                     "kv_heads": kv_heads,
                     "head_dim": head_dim,
                     "max_positions": int(tcfg.max_position_embeddings),
+                    "num_heads": int(tcfg.num_attention_heads),
+                    "intermediate_size": int(getattr(tcfg, "intermediate_size", 0) or 4 * hidden),
                 },
                 "graphs": graphs,
                 "embeddings": placed["embed_tokens"],
@@ -209,25 +212,33 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
 def _fp16_graphs(v_spec, d_spec, folder: Path, cases, seed: int, stages):
     """Replace vision.onnx and decoder.onnx by their FP16 twins (FP32 islands, FP32 I/O), each checked against
     the FP32 graph it came from. The fused ORT-CPU decoder stays FP32 (a CPU has no fast FP16 path)."""
-    from dataclasses import replace
-
-    from .precision import to_fp16, validate_fp16
-
     checks, out = [], []
     rng = np.random.default_rng(seed)
     vision_cases = [("tiles2", {"pixel_values": rng.uniform(-1, 1, (2, *v_spec.inputs[0].dims[1:])).astype(np.float32)})]
     for spec, spec_cases in ((v_spec, vision_cases), (d_spec, cases)):
-        src = folder / spec.file
-        fp32_copy = folder / (spec.file + ".fp32")
-        src.rename(fp32_copy)
-        with stages.stage(f"fp16 {spec.file} (weights and matrix products FP16; norms, softmax, mask, rotary, head FP32)"):
-            record = to_fp16(fp32_copy, src)
-        with stages.stage(f"check fp16 {spec.file} against its FP32 graph"):
-            c, max_act = validate_fp16(spec.name, fp32_copy, src, spec_cases)
-        fp32_copy.unlink()
+        spec, c = fp16_graph(spec, folder, spec_cases, stages)
         checks += c
-        out.append(replace(spec, extra={**spec.extra, **record, "max_fp16_activation": round(max_act, 3)}))
+        out.append(spec)
     return out[0], out[1], checks
+
+
+def fp16_graph(spec, folder: Path, cases, stages):
+    """Replace ``spec``'s graph in ``folder`` by its FP16 twin (fixed and measured FP32 islands, FP32 I/O), checked
+    against the FP32 graph on ``cases``; returns (the spec with its precision record, checks)."""
+    from dataclasses import replace
+
+    from .precision import to_fp16, validate_fp16
+
+    src = folder / spec.file
+    fp32_copy = folder / (spec.file + ".fp32")
+    src.rename(fp32_copy)
+    with stages.stage(f"fp16 {spec.file} (weights and matrix products FP16; norms, softmax, mask, rotary, head and "
+                      f"measured outliers FP32)"):
+        record = to_fp16(fp32_copy, src, cases)
+    with stages.stage(f"check fp16 {spec.file} against its FP32 graph"):
+        checks, max_act = validate_fp16(spec.name, fp32_copy, src, cases)
+    fp32_copy.unlink()
+    return replace(spec, extra={**spec.extra, **record, "max_fp16_activation": round(max_act, 3)}), checks
 
 
 def _quantize_cpu_decoder(f_spec, folder: Path, cases, precision: str, stages):
@@ -280,8 +291,14 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         export_graph(DrafterGraph(LeanDrafter(drafter)).eval(), spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
     with stages.stage("check drafter.onnx against the PyTorch drafter (catch-up, step, tree level)"):
         checks = validate_drafter(DrafterGraph(drafter).eval(), cfg, spec, tmp / spec.file, opts.seed)
+    graph_precision = draft_float(opts)
     t_specs, t_checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, spec, tree, tmp, stages, opts.seed,
-                                           opts.draft_precision)
+                                           opts.draft_precision, graph_precision)
+    if graph_precision == "fp16":
+        from .drafter_export import drafter_cases
+
+        spec, c = fp16_graph(spec, tmp, drafter_cases(cfg, spec, opts.seed), stages)
+        checks += c
     checks += t_checks
     if cfg.draft_vocab:
         np.save(tmp / "draft_to_target.npy", np.asarray(cfg.draft_vocab, dtype=np.int64))
@@ -291,6 +308,7 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         # ORT on a CPU runs this one instead when present (quantized weights; TensorRT keeps draft_tree)
         "tree_graph_ort_cpu": "draft_tree_ort_cpu" if len(t_specs) > 1 else None,
         "draft_precision": opts.draft_precision,
+        "graph_precision": graph_precision,  # drafter / draft_tree (what TensorRT builds); draft_precision: the CPU twin
         "config": asdict(cfg),
         "keep_visual": float(opts.keep_visual if opts.keep_visual is not None else cfg.keep_visual),
         "draft_to_target": "draft_to_target.npy" if cfg.draft_vocab else None,
@@ -299,10 +317,21 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
     return info, (spec, *t_specs), checks
 
 
+def draft_float(opts: ExportOptions) -> str:
+    """The draft graphs' precision: as asked, else FP16 for an FP16 or INT8 target (the drafter is a few percent of
+    the target's work; INT8-calibrating it is not worth a second calibration set), else FP32."""
+    if opts.draft_float is not None:
+        if opts.draft_float not in ("fp32", "fp16"):
+            raise DreamExportError(f"draft graph precision {opts.draft_float!r}: expected fp32 or fp16")
+        return opts.draft_float
+    return "fp16" if opts.precision in ("fp16", "int8") else "fp32"
+
+
 def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, folder: Path, stages, seed: int,
-                       precision: str = "fp32"):
-    """The one-call draft graph (checked against the HF-module drafter) and, for int8/int4, its ORT-CPU
-    quantized twin (checked against the float graph). Returns ([specs], checks)."""
+                       precision: str = "fp32", graph_precision: str = "fp32"):
+    """The one-call draft graph (checked against the HF-module drafter; FP16 when ``graph_precision`` says so, then
+    checked against its FP32 graph) and, for int8/int4, its ORT-CPU quantized twin (checked against the float
+    graph). Returns ([specs], checks)."""
     from .draft_tree import DraftTreeGraph, draft_tree_spec, quantized_tree_spec, validate_draft_tree, validate_quantized_tree
     from .drafter_export import drafter_dummy
     from .quantize import PRECISIONS, quantize_matmuls
@@ -319,13 +348,20 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
         export_graph(lean, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
     with stages.stage(f"check {t_spec.file} against the PyTorch drafter (prompt catch-up, step catch-up)"):
         checks = validate_draft_tree(reference, drafter.config, t_spec, folder / t_spec.file, seed)
-    specs = [t_spec]
     if PRECISIONS[precision]:
         q_spec = quantized_tree_spec(t_spec, precision)
         with stages.stage(f"{precision} weights (MatMulNBits, ORT-CPU only) → {q_spec.file}"):
             quantize_matmuls(folder / t_spec.file, folder / q_spec.file, PRECISIONS[precision])
         with stages.stage(f"check {q_spec.file} against {t_spec.file}"):
             checks += validate_quantized_tree(drafter.config, t_spec, folder / t_spec.file, q_spec, folder / q_spec.file, seed)
+    specs = [t_spec]
+    if graph_precision == "fp16":  # after the CPU twin, which quantizes the float graph
+        from .draft_tree import tree_cases
+
+        t_spec, c = fp16_graph(t_spec, folder, tree_cases(drafter.config, t_spec, seed), stages)
+        checks += c
+        specs = [t_spec]
+    if PRECISIONS[precision]:
         specs.append(q_spec)
     return specs, checks
 
@@ -351,9 +387,11 @@ def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: 
                      tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]), g["atol"],
                      {k: g[k] for k in ("past", "present", "mask_min")})
     precision = manifest["drafter"].get("draft_precision") or "fp32"
+    graph_precision = manifest["drafter"].get("graph_precision") or "fp32"
     replaced = []  # (new file, old file)
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
-        specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision)
+        specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision,
+                                           graph_precision)
         raise_on_mismatch(checks)
         stores = _draft_tree_stores(bundle_dir, manifest, Path(tmp), specs)
         entries = {}
@@ -414,8 +452,10 @@ def _decoder_dummy(spec, past_len: int, q_len: int, capacity: int | None = None)
         torch.arange(past_len, past_len + q_len)[None],
     ]
     rows = capacity if capacity is not None else past_len
+    # the fused graph's shared buffers are [1,kvh,capacity,hd]; the decoder's past is [1,P,kvh,hd] ("bshd")
+    shape = (1, kv["kv_heads"], rows, kv["head_dim"]) if capacity is not None else (1, rows, kv["kv_heads"], kv["head_dim"])
     for _ in range(kv["num_layers"]):
-        args += [torch.randn(1, kv["kv_heads"], rows, kv["head_dim"]) for _ in range(2)]
+        args += [torch.randn(*shape) for _ in range(2)]
     return tuple(args)
 
 

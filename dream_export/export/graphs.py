@@ -35,9 +35,13 @@ class _PlainKV:
 
 
 class DecoderGraph(nn.Module):
-    """inputs_embeds [1,Q,H], attention_mask [1,1,Q,P+Q] (additive), position_ids [1,Q], past K/V [1,kvh,P,hd]
+    """inputs_embeds [1,Q,H], attention_mask [1,1,Q,P+Q] (additive), position_ids [1,Q], past K/V [1,P,kvh,hd]
     -> logits [1,Q,V], hidden_states [1,Q,H] (final-normed), attention_received [1,P+Q] (last layer, mean over
-    heads and queries: visual token compression scores), new K/V [1,kvh,Q,hd] per layer."""
+    heads and queries: visual token compression scores), new K/V [1,Q,kvh,hd] per layer.
+
+    K/V cross the graph boundary as [1, positions, kv_heads, head_dim] (``kv.layout == "bshd"``) and are
+    transposed inside to the [1, kv_heads, positions, head_dim] HF attention uses: a runtime cache preallocated
+    to the capacity then binds its first P positions as the past without a copy (``runtime/backends/device.py``)."""
 
     def __init__(self, adapter):
         super().__init__()
@@ -48,7 +52,7 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         n = len(self.layers)
-        cache = _PlainKV(past[0::2][:n], past[1::2][:n])
+        cache = _PlainKV([k.transpose(1, 2) for k in past[0::2][:n]], [v.transpose(1, 2) for v in past[1::2][:n]])
         hidden = inputs_embeds
         position_embeddings = self.rotary(hidden, position_ids)
         seen = {}
@@ -62,7 +66,7 @@ class DecoderGraph(nn.Module):
         received = seen["w"].mean(dim=(1, 2))  # [1,P+Q]: last-layer attention each position receives
         presents = []
         for k, v in zip(cache.new_keys, cache.new_values):
-            presents += [k, v]
+            presents += [k.transpose(1, 2), v.transpose(1, 2)]
         return (logits, hidden, received, *presents)
 
     def _layers(self, hidden, attention_mask, position_ids, cache, position_embeddings):

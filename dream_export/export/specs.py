@@ -61,10 +61,12 @@ def vision_spec(channels: int, size: int, image_seq_len: int, hidden: int) -> Gr
 def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
     past, present = [], []
     for i in range(num_layers):
-        past += [TensorSpec(f"past_key_{i}", "float32", (1, kv_heads, "past_len", head_dim)),
-                 TensorSpec(f"past_value_{i}", "float32", (1, kv_heads, "past_len", head_dim))]
-        present += [TensorSpec(f"present_key_{i}", "float32", (1, kv_heads, "q_len", head_dim)),
-                    TensorSpec(f"present_value_{i}", "float32", (1, kv_heads, "q_len", head_dim))]
+        # K/V as [1, positions, kv_heads, head_dim] ("bshd"): the first L positions of a cache preallocated to
+        # the capacity are one contiguous block, so a device-resident cache is bound as the past in place
+        past += [TensorSpec(f"past_key_{i}", "float32", (1, "past_len", kv_heads, head_dim)),
+                 TensorSpec(f"past_value_{i}", "float32", (1, "past_len", kv_heads, head_dim))]
+        present += [TensorSpec(f"present_key_{i}", "float32", (1, "q_len", kv_heads, head_dim)),
+                    TensorSpec(f"present_value_{i}", "float32", (1, "q_len", kv_heads, head_dim))]
     return GraphSpec(
         name="decoder",
         file="decoder.onnx",
@@ -86,6 +88,7 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
                 "num_layers": num_layers,
                 "kv_heads": kv_heads,
                 "head_dim": head_dim,
+                "layout": "bshd",
                 "past_key": [f"past_key_{i}" for i in range(num_layers)],
                 "past_value": [f"past_value_{i}" for i in range(num_layers)],
                 "present_key": [f"present_key_{i}" for i in range(num_layers)],
@@ -113,7 +116,7 @@ def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: in
         outputs=tuple(buffer(t) for t in base.outputs),
         atol=base.atol,
         rtol=base.rtol,
-        extra={**base.extra, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu", "precision": "fp32",
+        extra={**base.extra, "kv": {**base.extra["kv"], "layout": "bhsd"}, "kv_layout": "shared_buffer", "for_backend": "onnxruntime-cpu", "precision": "fp32",
                "note": "past_key_i and present_key_i are one buffer bound through IOBinding; new rows land at [P, P+Q)"},
     )
 

@@ -121,7 +121,7 @@ def decoder_cases(spec, embed: np.ndarray, sample: TextSample, path, seed: int) 
         f.update(zip(past_names, past))
         return f
 
-    empty = [np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32) for _ in past_names]
+    empty = [np.zeros((1, 0, kv["kv_heads"], kv["head_dim"]), np.float32) for _ in past_names]  # "bshd"
     prompt = sample.prompt_ids[:MAX_PREFILL]
     cont = sample.continuation_ids
     if len(cont) < 1 + TREE_NODES:
@@ -130,7 +130,7 @@ def decoder_cases(spec, embed: np.ndarray, sample: TextSample, path, seed: int) 
     prefill = feeds(prompt, causal_mask(q, 0, mask_min), np.arange(q), empty)
     past = sess.run(present_names, prefill)
     step = feeds(cont[:1], causal_mask(1, q, mask_min), [q], past)
-    past = [np.concatenate([a, b], axis=2) for a, b in zip(past, sess.run(present_names, step))]
+    past = [np.concatenate([a, b], axis=1) for a, b in zip(past, sess.run(present_names, step))]
     parents = random_tree(TREE_NODES, rng)
     p = q + 1
     tree = feeds(cont[1:1 + TREE_NODES], tree_mask(parents, p, mask_min), p + depths(parents), past)
@@ -182,14 +182,13 @@ def validate_fused_decoder(reference, spec, path, cases, slack: int = 5) -> list
         with torch.no_grad():
             ref = reference(*[torch.from_numpy(feeds[n]) for n in names])
         q = feeds["inputs_embeds"].shape[1]
-        p = feeds[kv["past_key"][0]].shape[2]
+        p = feeds[kv["past_key"][0]].shape[1]
         buffered = dict(feeds)
         for name in kv["past_key"] + kv["past_value"]:
-            buf = np.zeros((1, kv["kv_heads"], p + q + slack, kv["head_dim"]), np.float32)
-            buf[:, :, :p] = feeds[name]
-            buffered[name] = buf
+            buffered[name] = _shared_buffer(feeds[name], q + slack)
         outs = sess.run([t.name for t in spec.outputs], buffered)
-        outs = [o[:, :, p:p + q] if t.name.startswith("present_") else o for t, o in zip(spec.outputs, outs)]
+        # the new rows of the shared [1,kvh,T,hd] buffers, as the decoder's [1,Q,kvh,hd]
+        outs = [o[:, :, p:p + q].transpose(0, 2, 1, 3) if t.name.startswith("present_") else o for t, o in zip(spec.outputs, outs)]
         checks += _compare(spec.name, case, spec, ref, outs)
     return checks
 
@@ -208,14 +207,12 @@ def validate_quantized_decoder(spec, float_path, q_path, cases, precision: str, 
     checks = []
     for case, feeds in cases:
         q = feeds["inputs_embeds"].shape[1]
-        p = feeds[kv["past_key"][0]].shape[2]
+        p = feeds[kv["past_key"][0]].shape[1]
 
         def buffered():
             out = dict(feeds)
             for name in kv["past_key"] + kv["past_value"]:
-                buf = np.zeros((1, kv["kv_heads"], p + q + slack, kv["head_dim"]), np.float32)
-                buf[:, :, :p] = feeds[name]
-                out[name] = buf
+                out[name] = _shared_buffer(feeds[name], q + slack)
             return out
 
         ref = dict(zip(names, ref_sess.run(names, buffered())))
@@ -234,6 +231,14 @@ def validate_quantized_decoder(spec, float_path, q_path, cases, precision: str, 
                     c.min_agreement = MIN_TOP1_AGREEMENT[precision]
                 checks.append(c)
     return checks
+
+
+def _shared_buffer(past: np.ndarray, extra: int) -> np.ndarray:
+    """A fused graph's [1,kvh,P+extra,hd] buffer holding the decoder's [1,P,kvh,hd] past in its first P rows."""
+    _, p, kvh, hd = past.shape
+    buf = np.zeros((1, kvh, p + extra, hd), np.float32)
+    buf[:, :, :p] = past.transpose(0, 2, 1, 3)
+    return buf
 
 
 def relative_error_check(graph: str, case: str, name: str, ref: np.ndarray, got: np.ndarray, bound: float) -> Check:

@@ -2,3 +2,4 @@
 
 from .base import TargetAdapter, adapter_for, register_adapter  # noqa: F401
 from . import idefics3  # noqa: F401  (registers the SmolVLM / Idefics3 family)
+from . import llava  # noqa: F401  (registers LLaVA-1.5)

@@ -70,6 +70,11 @@ class TargetAdapter(ABC):
     @abstractmethod
     def vision_input_shape(self) -> tuple[int, int, int]: ...
 
+    @abstractmethod
+    def hf_image_features(self, pixel_values, **processor_outputs):
+        """[n_image_tokens, H]: what transformers' own forward puts at the image tokens, from the HF processor's
+        outputs (training features use it; the exported ``vision_module`` is checked against the same model)."""
+
     @property
     @abstractmethod
     def image_token_id(self) -> int: ...

@@ -142,3 +142,10 @@ class Idefics3Adapter(TargetAdapter):
             "add_special_tokens": True,
             "bos_token_id": tok.bos_token_id,
         }
+
+    def hf_image_features(self, pixel_values, pixel_attention_mask=None, **_):
+        """The image embeddings transformers' own forward puts at the image tokens ([n_image_tokens, H])."""
+        out = self.model.model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask)
+        img = out.pooler_output if hasattr(out, "pooler_output") else out
+        img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img
+        return img.reshape(-1, img.shape[-1])

@@ -48,13 +48,14 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     ids = out[:, :]                                                  # prompt + the target's own answer
     prompt_len = enc["input_ids"].shape[1]
-    fwd = model(input_ids=ids, pixel_values=enc.get("pixel_values"), pixel_attention_mask=enc.get("pixel_attention_mask"),
-                output_hidden_states=True, output_attentions=True, return_dict=True)
+    vision_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}  # the family's own
+    fwd = model(input_ids=ids, **vision_inputs, output_hidden_states=True, output_attentions=True, return_dict=True)
     hs = fwd.hidden_states                                           # embeddings, then each layer (last one normed)
     embeds = model.get_input_embeddings()(ids)
     if enc.get("pixel_values") is not None:
-        img = model.model.get_image_features(pixel_values=enc["pixel_values"], pixel_attention_mask=enc.get("pixel_attention_mask")).pooler_output
-        img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img
+        from ..targets import adapter_for
+
+        img = adapter_for(model, processor).hf_image_features(**vision_inputs)
         slots = ids[0] == model.config.image_token_id
         embeds[0, slots] = img.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
     mid, mid_layer = entropy_select(fwd.attentions, hs, candidates)

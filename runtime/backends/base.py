@@ -52,11 +52,32 @@ class BackendUnavailable(BundleError):
     """The asked-for backend cannot run on this machine: the message names what is missing and how to install it."""
 
 
-def resolve_backend(backend: str, providers: list[str] | None = None, trt_version: str | None = "probe") -> tuple[str, str]:
+def _trt_versions(trt_version: str | None = "probe", cuda_python: bool | None = None) -> tuple[str | None, bool]:
+    if trt_version == "probe":
+        try:
+            import tensorrt
+
+            trt_version = tensorrt.__version__
+        except ImportError:
+            trt_version = None
+    if cuda_python is None:
+        try:
+            from .device import cudart_module
+
+            cudart_module()
+            cuda_python = True
+        except ImportError:
+            cuda_python = False
+    return trt_version, cuda_python
+
+
+def resolve_backend(backend: str, providers: list[str] | None = None, trt_version: str | None = "probe",
+                    cuda_python: bool | None = None) -> tuple[str, str]:
     """(the backend to use, why). ``auto`` takes ONNX Runtime's TensorRT provider, then its CUDA provider, then
-    the CPU (the TensorRT backend proper is picked only when asked for: it is not implemented yet). Explicit
+    this project's own TensorRT backend (when TensorRT and cuda-python are installed), then the CPU. The native
+    TensorRT backend comes after ONNX Runtime's providers until a GPU run of it is committed (README). Explicit
     names are checked here, before anything is loaded or written, and refused with one line naming what is
-    missing. ``providers`` / ``trt_version`` default to what this machine has (arguments for tests)."""
+    missing. ``providers`` / ``trt_version`` / ``cuda_python`` default to what this machine has (for tests)."""
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:
         raise BundleError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)} (or ort = ort-cpu)")
@@ -69,7 +90,10 @@ def resolve_backend(backend: str, providers: list[str] | None = None, trt_versio
             return "ort-trt", "auto: ONNX Runtime's TensorRT provider is installed"
         if "CUDAExecutionProvider" in providers:
             return "ort-cuda", "auto: ONNX Runtime's CUDA provider is installed"
-        return "ort-cpu", "auto: no GPU provider in this onnxruntime, so the CPU"
+        version, cuda_ok = _trt_versions(trt_version, cuda_python)
+        if version is not None and cuda_ok and _at_least(version, TRT_MINIMUM):
+            return "trt", f"auto: TensorRT {version} and cuda-python are installed"
+        return "ort-cpu", "auto: no GPU provider in this onnxruntime and no TensorRT, so the CPU"
     if name == "ort-cuda" and "CUDAExecutionProvider" not in providers:
         raise BackendUnavailable(
             f"backend ort-cuda needs ONNX Runtime's CUDA provider; this onnxruntime has {providers}: "
@@ -79,32 +103,34 @@ def resolve_backend(backend: str, providers: list[str] | None = None, trt_versio
             f"backend ort-trt needs ONNX Runtime's TensorRT provider; this onnxruntime has {providers}: install "
             f"onnxruntime-gpu and TensorRT {TRT_MINIMUM[0]}.{TRT_MINIMUM[1]}+ (pip install tensorrt; on Jetson, JetPack 6.1+)")
     if name == "trt":
-        if trt_version == "probe":
-            try:
-                import tensorrt
-
-                trt_version = tensorrt.__version__
-            except ImportError:
-                trt_version = None
-        if trt_version is None:
+        version, cuda_ok = _trt_versions(trt_version, cuda_python)
+        if version is None or not cuda_ok:
+            missing = " and ".join(x for x, ok in ((f"TensorRT's Python package ({TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} or newer)",
+                                                     version is not None), ("cuda-python", cuda_ok)) if not ok)
             raise BackendUnavailable(
-                f"backend trt needs TensorRT's Python package ({TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} or newer) and cuda-python, "
-                f"neither importable here: pip install 'dream-export[trt]' (on Jetson, JetPack 6.1+ ships TensorRT 10.3)")
-        found = tuple(int(x) for x in trt_version.split(".")[:2] if x.isdigit())
-        if found < TRT_MINIMUM:
-            raise BackendUnavailable(f"backend trt: TensorRT {trt_version} is older than the minimum "
+                f"backend trt needs {missing}, not importable here: pip install 'dream-export[trt]' "
+                f"(on Jetson, JetPack 6.1+ ships TensorRT 10.3; pip install cuda-python)")
+        if not _at_least(version, TRT_MINIMUM):
+            raise BackendUnavailable(f"backend trt: TensorRT {version} is older than the minimum "
                                      f"{TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} (JetPack 6.1); upgrade TensorRT")
-        raise BackendUnavailable(f"backend trt: TensorRT {trt_version} is installed, but this version of dream-export has "
-                                 f"no TensorRT engine backend yet (issue 9); use --backend ort-trt (ONNX Runtime's "
-                                 f"TensorRT provider) meanwhile")
     return name, "asked for"
+
+
+def _at_least(version: str, minimum: tuple[int, int]) -> bool:
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) >= minimum
 
 
 def make_backend(bundle, backend: str = "auto", threads: int | None = None, device_id: int = 0) -> Backend:
     name, why = resolve_backend(backend)
     from .ort import OrtBackend
 
-    b = OrtBackend(bundle, threads=threads, providers=provider_list(name, bundle, device_id))
+    if name == "trt":
+        from .trt import TrtBackend
+
+        b = TrtBackend(bundle, device_id=device_id)
+        b.why = why
+        return b
+    b = OrtBackend(bundle, threads=threads, providers=provider_list(name, bundle, device_id), device_id=device_id)
     b.name, b.why = name, why
     return b
 

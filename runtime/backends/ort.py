@@ -33,15 +33,47 @@ def check_external_data(bundle, name: str, path) -> None:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, bundle, threads: int | None = None, providers: list[str] | None = None, device_id: int = 0):
         super().__init__(bundle)
         self.threads = threads
+        self.device_id = device_id
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     @property
     def ort_cpu(self) -> bool:
         return self.providers == ["CPUExecutionProvider"]
+
+    @property
+    def device_kv(self) -> bool:
+        """On a GPU provider, K/V stay in device memory between calls (needs cuda-python for the device copies;
+        without it the decoder keeps K/V on the host, as on the CPU)."""
+        if self.ort_cpu:
+            return False
+        try:
+            from .device import cudart_module
+
+            cudart_module()
+            return True
+        except ImportError:
+            return False
+
+    def memory(self):
+        if not hasattr(self, "_memory"):
+            from .device import CudaMemory, HostMemory
+
+            self._memory = HostMemory() if self.ort_cpu else CudaMemory(self.device_id)
+        return self._memory
+
+    def device_decoder(self, capacity: int):
+        """The ``decoder`` graph with K/V resident in this backend's memory, bound by pointer through IOBinding."""
+        from .device import DeviceDecoder, OrtPointerExecutor
+        from .trt_plan import Plan
+
+        plan = Plan.from_manifest(self.bundle.manifest)
+        execute = OrtPointerExecutor(self.session("decoder"), self.memory())
+        return DeviceDecoder(execute, self.memory(), self._specs["decoder"], self.bundle.manifest["text"], capacity,
+                             plan.logits_rows)
 
     def _prepare_caches(self) -> None:
         """The TensorRT provider writes engines into the bundle's engines/ folder: made when a session is."""

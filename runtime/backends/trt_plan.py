@@ -71,9 +71,9 @@ def _symbolic_values(inputs: list[dict], shapes: dict) -> dict:
 def max_tiles(manifest: dict) -> int:
     """The most tiles one vision call can get: images until the context is full, each at most a grid + global."""
     pre = manifest["preprocessing"]
-    tile = int(pre["max_image_size"])
-    per_image = 1
+    per_image = int(pre.get("tiles_per_image") or 1)  # a family with one square per image says so
     if pre.get("do_image_splitting"):
+        tile = int(pre["max_image_size"])
         n = math.ceil(int(pre["size_longest_edge"]) / tile)
         per_image = n * n + 1
     seq = int(pre.get("image_seq_len", 1))
@@ -99,7 +99,7 @@ class Plan:
             t = max_tiles(manifest)
             pre = manifest["preprocessing"]
             grid = math.ceil(int(pre["size_longest_edge"]) / int(pre["max_image_size"])) if pre.get("do_image_splitting") else 0
-            plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, min(t, grid * grid + 1), t)})]
+            plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, max(1, min(t, grid * grid + 1)), t)})]
         if "decoder" in graphs:
             # most specific first: a call takes the first profile it fits (``profile_for``)
             plan.profiles["decoder"] = [
@@ -140,12 +140,13 @@ class Plan:
         raise ValueError(f"graph {graph!r}: no profile serves {values} ({'; '.join(misses)})")
 
     # --- device buffers -----------------------------------------------------------------------------
-    def kv_buffers(self, dtype: str = "float16") -> dict:
-        """The target's KV caches on the device: one [1, kv_heads, capacity, head_dim] buffer per layer for keys
-        and one for values, capacity = max_positions + the tree; byte offsets into one allocation."""
+    def kv_buffers(self, dtype: str = "float32") -> dict:
+        """The target's KV caches on the device: one [1, capacity, kv_heads, head_dim] buffer per layer for keys
+        and one for values (the decoder's "bshd" layout: the first L positions are one contiguous block, bound as
+        the past), capacity = max_positions + the tree; byte offsets into one allocation."""
         text = self.manifest["text"]
         cap = int(text["max_positions"]) + int((self.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
-        shape = (1, int(text["kv_heads"]), cap, int(text["head_dim"]))
+        shape = (1, cap, int(text["kv_heads"]), int(text["head_dim"]))
         nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
         align = 256  # cudaMalloc alignment
         step = (nbytes + align - 1) // align * align
@@ -154,7 +155,14 @@ class Plan:
             for kind in ("key", "value"):
                 buffers[f"{kind}_{i}"] = {"shape": shape, "dtype": dtype, "offset": offset, "bytes": nbytes}
                 offset += step
-        return {"buffers": buffers, "total_bytes": offset, "capacity": cap}
+        return {"buffers": buffers, "total_bytes": offset, "capacity": cap,
+                "row_bytes": int(text["kv_heads"]) * int(text["head_dim"]) * DTYPE_BYTES[dtype]}
+
+    def logits_rows(self, q_len: int) -> int:
+        """Logits rows a decoder call copies back: every row of a call no longer than the tree (a verify walks
+        them all; a short prefill costs little), else only the last row (a prompt prefill samples one token)."""
+        n = int((self.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
+        return q_len if q_len <= max(n, 1) else 1
 
     def copy_back(self, call: str, q_len: int, accepted: int = 0) -> dict:
         """Bytes each kind of call copies to the host: logits and hidden rows that acceptance needs, never K/V.
@@ -163,12 +171,29 @@ class Plan:
         text = self.manifest["text"]
         v, h = int(text["vocab_size"]), int(text["hidden_size"])
         if call in ("prefill", "step"):
-            rows_logits, rows_hidden = 1, q_len
+            rows_logits, rows_hidden = self.logits_rows(q_len), q_len
         elif call == "verify":
             rows_logits, rows_hidden = q_len, accepted + 1
         else:
             raise ValueError(f"call {call!r}: expected prefill, step or verify")
         return {"logits_bytes": rows_logits * v * 4, "hidden_bytes": rows_hidden * h * 4, "kv_bytes": 0}
+
+
+def kv_row_copies(length: int, q_len: int, rows=None) -> list[tuple[int, int, int]]:
+    """Device-to-device copies that keep a call's new K/V rows: (destination row in the cache, source row in the
+    call's scratch output, row count). All Q rows land at ``length``..; an accepted draft path (``rows``, in
+    order) is compacted there, consecutive source rows merged into one copy."""
+    if rows is None:
+        return [(length, 0, q_len)] if q_len else []
+    out: list[list[int]] = []
+    for i, r in enumerate(int(x) for x in rows):
+        if not 0 <= r < q_len:
+            raise ValueError(f"row {r} outside the call's {q_len} new rows")
+        if out and out[-1][1] + out[-1][2] == r:
+            out[-1][2] += 1
+        else:
+            out.append([length + i, r, 1])
+    return [tuple(c) for c in out]
 
 
 # --- engine cache --------------------------------------------------------------------------------------
@@ -181,6 +206,17 @@ def engine_dir(bundle: Path, gpu_name: str, compute_capability: tuple[int, int],
     """``engines/<gpu>-sm<cc>-trt<version>-<precision>/``: engines are not portable across any of these."""
     major, minor = compute_capability
     return Path(bundle) / "engines" / f"{_slug(gpu_name)}-sm{major}{minor}-trt{trt_version}-{precision}"
+
+
+def graph_digest(manifest: dict, graph: str) -> str:
+    """What an engine of ``graph`` depends on, as one sha256: the graph file's and each of its external-data files'
+    sha256 (from the verified manifest), so new weights behind an unchanged graph also mean a rebuild."""
+    import hashlib
+
+    entry = manifest["graphs"][graph]
+    files = manifest.get("files") or {}
+    parts = [f"{name}={files.get(name, '?')}" for name in [entry["file"], *sorted(entry.get("external_data", []))]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class EngineCache:

@@ -1,0 +1,143 @@
+"""LLaVA-1.5 family (``LlavaForConditionalGeneration``): a CLIP vision tower read at ``vision_feature_layer``
+(-2 in LLaVA-1.5), the CLS token dropped (``vision_feature_select_strategy == "default"``), an MLP projector,
+and a Llama text model. One image = one resized, centre-cropped square = ``image_seq_len`` image tokens.
+
+LLaVA-NeXT (anyres tiling, image_newline) is a different class and not covered by this adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DreamExportError
+from .base import TargetAdapter, register_adapter
+
+
+class _LlavaVision(nn.Module):
+    """pixel_values [T,3,S,S] -> image_embeds [T, image_seq_len, H], as LlavaModel.get_image_features computes them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        cfg = model.config
+        self.layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else [cfg.vision_feature_layer]
+        self.drop_cls = cfg.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values):
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = [out.hidden_states[i] for i in self.layers]
+        if self.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        return self.projector(torch.cat(feats, dim=-1))
+
+
+@register_adapter
+class LlavaAdapter(TargetAdapter):
+    model_types = ("llava",)
+    family = "llava"
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        text_cfg = model.config.text_config
+        if getattr(text_cfg, "model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise DreamExportError(f"LLaVA text model {text_cfg.model_type!r}: expected a Llama-style text model")
+        vcfg = model.config.vision_config
+        if getattr(vcfg, "model_type", "clip_vision_model") not in ("clip_vision_model", "siglip_vision_model"):
+            raise DreamExportError(f"LLaVA vision tower {vcfg.model_type!r}: expected CLIP or SigLIP")
+        ip = processor.image_processor
+        crop = getattr(ip, "crop_size", None) or {}
+        side = crop.get("height") if getattr(ip, "do_center_crop", False) else (ip.size.get("height") or ip.size.get("shortest_edge"))
+        if side != vcfg.image_size:
+            raise DreamExportError(f"image processor output {side} px != vision_config.image_size {vcfg.image_size}; "
+                                   f"expected the processor to produce the tower's square")
+        if model.config.vision_feature_select_strategy not in ("default", "full"):
+            raise DreamExportError(f"vision_feature_select_strategy {model.config.vision_feature_select_strategy!r}: "
+                                   f"expected default or full")
+
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    def embed_tokens(self):
+        return self.text_model.embed_tokens
+
+    def decoder_layers(self):
+        return list(self.text_model.layers)
+
+    def final_norm(self):
+        return self.text_model.norm
+
+    def rotary_emb(self):
+        return self.text_model.rotary_emb
+
+    def lm_head(self):
+        return self.model.lm_head
+
+    def vision_module(self):
+        return _LlavaVision(self.model)
+
+    def vision_input_shape(self):
+        cfg = self.model.config.vision_config
+        return (cfg.num_channels, cfg.image_size, cfg.image_size)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def image_seq_len(self) -> int:
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        return side * side + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+
+    def stop_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.text_config.eos_token_id
+        ids = ids if isinstance(ids, (list, tuple)) else [ids]
+        return [int(i) for i in ids if i is not None]
+
+    def preprocessing(self) -> dict[str, Any]:
+        ip = self.processor.image_processor
+        tok = self.processor.tokenizer
+        crop = dict(getattr(ip, "crop_size", None) or {})
+        size = dict(ip.size)
+        if not size.get("shortest_edge") and not (size.get("height") and size.get("width")):
+            raise DreamExportError(f"image processor size {size}: expected shortest_edge or height/width")
+        return {
+            "kind": "clip",
+            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+            "do_resize": bool(ip.do_resize),
+            "shortest_edge": int(size["shortest_edge"]) if size.get("shortest_edge") else None,
+            "resize_height": int(size["height"]) if size.get("height") else None,
+            "resize_width": int(size["width"]) if size.get("width") else None,
+            "resample": int(ip.resample),
+            "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
+            "crop_height": int(crop["height"]) if crop else None,
+            "crop_width": int(crop["width"]) if crop else None,
+            "do_rescale": bool(ip.do_rescale),
+            "rescale_factor": float(ip.rescale_factor),
+            "do_normalize": bool(ip.do_normalize),
+            "image_mean": [float(v) for v in ip.image_mean],
+            "image_std": [float(v) for v in ip.image_std],
+            "image_seq_len": self.image_seq_len(),
+            "tiles_per_image": 1,
+            "image_token": self.processor.image_token,
+            "image_token_id": self.image_token_id,
+            "add_special_tokens": True,
+            "bos_token_id": tok.bos_token_id,
+        }
+
+    def hf_image_features(self, pixel_values, **_):
+        """The image embeddings transformers' own forward puts at the image tokens ([n_image_tokens, H])."""
+        cfg = self.model.config
+        out = self.model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])

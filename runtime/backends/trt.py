@@ -1,0 +1,211 @@
+"""The TensorRT backend's thin layer: executes what ``trt_plan`` decides, with TensorRT and cuda-python.
+
+Written against NVIDIA's documented TensorRT 10 Python API (``IBuilder.build_serialized_network`` from an
+``OnnxParser`` network, ``IOptimizationProfile.set_shape``, ``IExecutionContext.set_input_shape`` /
+``set_tensor_address`` / ``execute_async_v3``) and the CUDA runtime API of cuda-python, as NVIDIA's Python samples
+use them. It has NOT been run on a GPU by this project (none was at hand): everything it decides (profiles, engine
+folders and keys, buffer sizes, which logits rows and K/V copies) lives in ``trt_plan`` and ``device`` and is
+tested on the CPU; the device decoder itself runs there over ONNX Runtime with host memory.
+
+- Engines are built on the device that runs them (``build_engines``; ``dream-build-engines``; or at first use with
+  a progress line), stored under ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` with a timing cache and the
+  digest of the graph + weights each came from; anything changed means a rebuild, never a silent reuse.
+- Networks are strongly typed: the precision lives in the graph (FP16 / INT8 QDQ bundles), as TensorRT 11 requires.
+- One execution context per optimization profile (a decoder has step, verify and prefill), all on one stream.
+- The decoder keeps its K/V on the device (``device.DeviceDecoder``): bound in place as the past, new rows copied
+  device to device, only logits / hidden rows / attention scores come back.
+- Not done: CUDA graphs. Every decoder call's past length differs from the last one's, so a captured graph would
+  be replayed only if the past were padded to fixed buckets; that trade (attention over padding) is not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError
+from .base import TRT_MINIMUM, Backend, BackendUnavailable
+from .device import CudaMemory, DeviceDecoder, _Grown
+from .trt_plan import EngineCache, Plan, engine_dir, graph_digest
+
+
+def tensorrt_module():
+    try:
+        import tensorrt as trt  # type: ignore
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend trt needs TensorRT's Python package ({TRT_MINIMUM[0]}.{TRT_MINIMUM[1]}+): "
+                                 f"pip install 'dream-export[trt]' (on Jetson, JetPack 6.1+ ships it)") from exc
+    found = tuple(int(x) for x in trt.__version__.split(".")[:2] if x.isdigit())
+    if found < TRT_MINIMUM:
+        raise BackendUnavailable(f"backend trt: TensorRT {trt.__version__} is older than the minimum "
+                                 f"{TRT_MINIMUM[0]}.{TRT_MINIMUM[1]} (JetPack 6.1); upgrade TensorRT")
+    return trt
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_bytes: int | None,
+                 timing_cache: Path) -> bytes:
+    """One serialized engine for the graph at ``onnx_path`` with one optimization profile per ``profiles`` entry
+    (in order: profile k of the engine is ``profiles[k]``)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BundleError(f"{onnx_path.name}: TensorRT's ONNX parser failed: {errors}")
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    for prof in profiles:
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in prof.input_shapes(inputs).items():
+            p.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(p)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BundleError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
+    tmp = timing_cache.with_name(timing_cache.name + ".tmp")
+    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    tmp.replace(timing_cache)
+    return bytes(memoryview(serialized))
+
+
+class TrtEngine:
+    """A deserialized engine with one execution context per optimization profile."""
+
+    def __init__(self, trt, data: bytes, profiles, memory: CudaMemory):
+        self.trt, self.memory = trt, memory
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise BundleError("TensorRT could not deserialize the engine (built by another TensorRT version?)")
+        self.profiles = [p.name for p in profiles]
+        self.contexts = []
+        for k in range(len(profiles)):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(k, int(memory.stream))
+            self.contexts.append(ctx)
+        memory.synchronize()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+
+    def execute(self, profile: str, inputs: dict, outputs: dict) -> None:
+        """``inputs`` / ``outputs``: name -> (device pointer, shape, dtype), pointers 256-byte aligned."""
+        ctx = self.contexts[self.profiles.index(profile)]
+        for name, (ptr, shape, _) in inputs.items():
+            if not ctx.set_input_shape(name, tuple(int(d) for d in shape)):
+                raise BundleError(f"TensorRT refused shape {tuple(shape)} for input {name!r} (profile {profile})")
+            ctx.set_tensor_address(name, int(ptr))
+        for name, (ptr, _, _) in outputs.items():
+            ctx.set_tensor_address(name, int(ptr))
+        if not ctx.execute_async_v3(int(self.memory.stream)):
+            raise BundleError(f"TensorRT execution failed (profile {profile})")
+        self.memory.synchronize()
+
+    def output_shapes(self, profile: str, inputs: dict) -> dict:
+        ctx = self.contexts[self.profiles.index(profile)]
+        for name, (_, shape, _) in inputs.items():
+            ctx.set_input_shape(name, tuple(int(d) for d in shape))
+        return {n: tuple(ctx.get_tensor_shape(n)) for n in self.outputs}
+
+
+class TrtBackend(Backend):
+    name = "trt"
+    ort_cpu = False
+    device_kv = True
+
+    def __init__(self, bundle, device_id: int = 0, workspace_gb: float | None = None, progress=_log):
+        super().__init__(bundle)
+        self.trt = tensorrt_module()
+        self.memory = CudaMemory(device_id)
+        self.plan = Plan.from_manifest(bundle.manifest)
+        gpu, cc, _ = self.memory.properties()
+        precision = str(bundle.manifest.get("precision") or "fp32")
+        self.cache = EngineCache(engine_dir(bundle.path, gpu, cc, self.trt.__version__, precision))
+        self.workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
+        self.progress = progress
+        self.engines: dict[str, TrtEngine] = {}
+        self._staging: dict[tuple[str, str], _Grown] = {}
+
+    def engine_path(self, graph: str, force: bool = False) -> Path:
+        """The engine file of ``graph``, built now when missing or stale."""
+        digest = graph_digest(self.bundle.manifest, graph)
+        found = None if force else self.cache.lookup(graph, digest)
+        if found is not None:
+            return found
+        spec = self._specs[graph]
+        self.progress(f"dream-export: building the TensorRT engine for {graph} ({len(self.plan.profiles[graph])} "
+                      f"profile(s)) in {self.cache.folder} — once per GPU, TensorRT version and graph")
+        t0 = time.perf_counter()
+        self.cache.folder.mkdir(parents=True, exist_ok=True)
+        data = build_engine(self.trt, self.bundle.file(spec["file"]), self.plan.profiles[graph], spec["inputs"],
+                            self.workspace, self.cache.folder / "timing.cache")
+        extra = {"trt_version": self.trt.__version__, "profiles": [p.name for p in self.plan.profiles[graph]],
+                 "build_s": round(time.perf_counter() - t0, 1)}
+        path = self.cache.store(graph, digest, data, extra)
+        self.progress(f"dream-export: {graph} engine built in {extra['build_s']} s")
+        return path
+
+    def open(self, graph: str) -> None:
+        if graph not in self.engines:
+            self.engines[graph] = TrtEngine(self.trt, self.engine_path(graph).read_bytes(), self.plan.profiles[graph], self.memory)
+
+    def _run(self, graph, feeds, output_names):
+        """Host in, host out (vision, drafter graphs): inputs uploaded, outputs sized by TensorRT's shape inference."""
+        self.open(graph)
+        eng = self.engines[graph]
+        profile = self.plan.profile_for(graph, {k: v.shape for k, v in feeds.items()}).name
+        inputs = {}
+        for name, arr in feeds.items():
+            arr = np.ascontiguousarray(arr, dtype=eng.dtypes[name])
+            ptr = self._buffer(graph, name).get(arr.nbytes)
+            self.memory.upload(ptr, arr)
+            inputs[name] = (ptr, arr.shape, arr.dtype)
+        shapes = eng.output_shapes(profile, inputs)
+        outputs = {n: (self._buffer(graph, n).get(int(np.prod(s)) * eng.dtypes[n].itemsize), s, eng.dtypes[n])
+                   for n, s in shapes.items()}
+        eng.execute(profile, inputs, outputs)
+        return [self.memory.download(outputs[n][0], outputs[n][1], outputs[n][2]) for n in output_names]
+
+    def _buffer(self, graph: str, name: str) -> _Grown:
+        return self._staging.setdefault((graph, name), _Grown(self.memory))
+
+    def device_decoder(self, capacity: int) -> DeviceDecoder:
+        self.open("decoder")
+        eng = self.engines["decoder"]
+
+        def execute(inputs, outputs):
+            shapes = {n: s for n, (_, s, _) in inputs.items()}
+            eng.execute(self.plan.profile_for("decoder", shapes).name, inputs, outputs)
+
+        return DeviceDecoder(execute, self.memory, self._specs["decoder"], self.bundle.manifest["text"], capacity,
+                             self.plan.logits_rows)
+
+
+def build_engines(bundle_path, device_id: int = 0, workspace_gb: float | None = None, graphs=None,
+                  force: bool = False) -> dict:
+    """Build (or find) the engine of every graph the TensorRT plan has; returns a report."""
+    from ..bundle import Bundle
+
+    bundle = Bundle.load(Path(bundle_path))
+    backend = TrtBackend(bundle, device_id=device_id, workspace_gb=workspace_gb)
+    names = list(graphs or backend.plan.profiles)
+    unknown = sorted(set(names) - set(backend.plan.profiles))
+    if unknown:
+        raise BundleError(f"graphs {unknown}: not TensorRT graphs of this bundle (it has {sorted(backend.plan.profiles)})")
+    out = {}
+    for g in names:
+        path = backend.engine_path(g, force=force)
+        out[g] = {"engine": str(path), **json.loads(path.with_suffix(".json").read_text())}
+    return {"folder": str(backend.cache.folder), "engines": out}

@@ -1,0 +1,63 @@
+"""``dream-build-engines --bundle B``: build a bundle's TensorRT engines ahead of time, on the GPU that will run them
+(``dream-run --backend trt`` builds missing ones at first start, with a progress line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dream-build-engines",
+        description="Build the TensorRT engines of a bundle on this GPU, into the bundle's "
+                    "engines/<gpu>-sm<cc>-trt<version>-<precision>/ folder (reused until the graph, GPU or TensorRT "
+                    "changes). The precision is the bundle's own (dream-export --precision): it lives in the graphs.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--device", type=int, default=0, help="CUDA device id")
+    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace limit (default: TensorRT's)")
+    p.add_argument("--graph", action="append", default=None, help="only this graph (repeatable; default: all)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+    b = p.add_argument_group("memory budget (no GPU or TensorRT needed)")
+    b.add_argument("--budget", action="store_true",
+                   help="print the device memory the bundle needs (engines, K/V, activations, runtime) and exit")
+    b.add_argument("--device-model", default="orin-nano-8gb", help="orin-nano-8gb (default), orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
+    b.add_argument("--context", type=int, default=None, help="context positions (default: the model's maximum)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backends.base import resolve_backend
+    from .errors import RuntimeErrorBase
+
+    try:
+        if args.workspace_gb is not None and args.workspace_gb <= 0:
+            raise ValueError(f"--workspace-gb {args.workspace_gb}: expected a positive number of GiB")
+        if not (args.bundle / "manifest.json").is_file():
+            raise RuntimeErrorBase(f"{args.bundle}: not a bundle folder (no manifest.json); expected a dream-export output")
+        if args.budget:
+            from .budget import max_context, memory_budget
+            from .bundle import Bundle
+
+            manifest = Bundle.load(args.bundle).manifest
+            report = memory_budget(manifest, args.context, device=args.device_model)
+            report["longest_context_that_fits"] = max_context(manifest, args.device_model)
+            print(json.dumps(report, indent=1))
+            return 0
+        resolve_backend("trt")  # one line naming what is missing, before anything is written
+        from .backends.trt import build_engines
+
+        report = build_engines(args.bundle, device_id=args.device, workspace_gb=args.workspace_gb, graphs=args.graph,
+                               force=args.force)
+    except (RuntimeErrorBase, ValueError) as exc:
+        print(f"dream-build-engines: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
