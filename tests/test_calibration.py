@@ -83,3 +83,36 @@ def test_bad_calibration_requests(zoo, tmp_path):
     with pytest.raises(CalibrationError, match="--force"):
         calibrate_bundle(fp32, tmp_path / "exists", "scenes:4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # nothing half-written
+
+
+def test_matmuls_with_outlier_inputs_stay_float(tmp_path):
+    """Measured, not assumed: a MatMul whose input has rare huge values (as SmolLM2's MLP down-projection inputs
+    have) keeps float weights and activations; an ordinary one is quantized; the record names the kept node."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.int8 import OUTLIER_RATIO, quantize_graph
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="ordinary"),
+             helper.make_node("MatMul", ["z", "w2"], ["g"], name="down_proj"),
+             helper.make_node("Add", ["h", "g"], ["y"], name="add")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "n", 64]) for n in ("x", "z")]
+    graph = helper.make_graph(nodes, "g", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 64])], [w1, w2])
+    src = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = []
+    for _ in range(6):
+        z = rng.standard_normal((1, 32, 64)).astype(np.float32)
+        z[0, 0, 5] = 500.0  # one massive activation per call: 0.05% of the values
+        feeds.append({"x": rng.standard_normal((1, 32, 64)).astype(np.float32), "z": z})
+    record = quantize_graph(src, tmp_path / "q.onnx", feeds)
+    assert record["outlier_ratio"] == OUTLIER_RATIO
+    assert set(record["float_matmuls"]) == {"down_proj"} and record["float_matmuls"]["down_proj"] > OUTLIER_RATIO
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    down = next(n for n in q.graph.node if n.op_type == "MatMul" and n.name == "down_proj")
+    ordinary = next(n for n in q.graph.node if n.op_type == "MatMul" and n.name == "ordinary")
+    assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in down.input)
+    assert all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in ordinary.input)

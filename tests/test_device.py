@@ -176,3 +176,64 @@ def test_tensorrt_backend_builds_engines_and_is_lossless(tiny, images, tmp_path)
         assert got.token_ids[:10] == want.token_ids[:10]
     assert (trt.generate([images["coffee"]], "Describe the image.", max_new_tokens=40, speculative=True).token_ids
             == trt.generate([images["coffee"]], "Describe the image.", max_new_tokens=40, speculative=False).token_ids)
+
+
+def _run_calls(dec, pipe, calls, seed=2):
+    """Feed the same call sequence (q, accepted rows, truncate-to) to a decoder; return every output."""
+    rng = np.random.default_rng(seed)
+    H = int(pipe.text["hidden_size"])
+    outs = []
+    for q, rows, cut in calls:
+        p = dec.length
+        emb = (rng.standard_normal((1, q, H)) * 0.5).astype(np.float32)
+        mask = np.zeros((1, 1, q, p + q), np.float32)
+        mask[0, 0, :, p:] = np.triu(np.full((q, q), pipe.mask_min, np.float32), 1)
+        outs.append(dec.run(emb, mask, np.arange(p, p + q)))
+        dec.commit(rows)
+        if cut is not None:
+            dec.truncate(cut)
+    return outs
+
+
+def test_bucketed_past_for_cuda_graphs_changes_nothing_but_shapes(tiny):
+    """What the TensorRT backend does for CUDA graphs, run here: steps and verifies bind their past padded to a
+    bucket (the padding masked out) from buffers allocated once, so every call of one (q, bucket) has the same
+    shapes and addresses (its graph key); the outputs equal the unpadded decoder's."""
+    _, bundle = tiny
+    pipe = Pipeline.from_bundle(bundle, fused=False, warm=False)
+    n = int(pipe.bundle.manifest["tree"]["total_tokens"])
+    cap = pipe.new_decoder().capacity
+    plain = pipe.backend.device_decoder(cap)
+    bucketed = pipe.backend.device_decoder(cap, bucket=16)
+    seen = {}
+    inner = bucketed.execute
+
+    def recording(inputs, outputs, graph_key=None):
+        if graph_key is not None:
+            addresses = tuple(sorted((k, v[0], tuple(v[1])) for k, v in {**inputs, **outputs}.items()))
+            assert seen.setdefault(graph_key, addresses) == addresses, "a graph key must mean fixed shapes and addresses"
+        return inner(inputs, outputs, graph_key)
+
+    bucketed.execute = recording
+    calls = [(40, None, None)] + [(1, None, None)] * 5 + [(n, [0, 1], None), (1, None, None), (n, [0], 44),
+                                                          (1, None, None), (n, list(range(n)), None)] + [(1, None, None)] * 9
+    for a, b in zip(_run_calls(plain, pipe, calls), _run_calls(bucketed, pipe, calls)):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-5)
+        assert np.array_equal(a["logits"].argmax(-1), b["logits"].argmax(-1))
+    assert bucketed.length == plain.length
+    np.testing.assert_allclose(bucketed.read_kv(0), plain.read_kv(0), rtol=0, atol=1e-5)
+    # the prefill (40 > n) ran unpadded without a key; the 16 step/verify calls share few keys
+    assert seen and all(q <= n and pb % 16 == 0 for q, pb in seen)
+    assert len(seen) <= 6 and bucketed.padded_past(40, 1) == 48 and bucketed.padded_past(40, 41) == 40
+
+
+def test_bucketed_decoder_is_lossless_in_generation(tiny, images):
+    _, bundle = tiny
+    pipe = Pipeline.from_bundle(bundle, fused="device")
+    pipe.backend.device_decoder = lambda capacity, _d=pipe.backend.device_decoder: _d(capacity, bucket=32)
+    ref = Pipeline.from_bundle(bundle)
+    for prompt in ("Describe the image.", "How many shapes are there?"):
+        want = ref.generate([images["coffee"]], prompt, max_new_tokens=40, speculative=False).token_ids
+        for speculative in (False, True):
+            assert pipe.generate([images["coffee"]], prompt, max_new_tokens=40, speculative=speculative).token_ids == want

@@ -109,6 +109,7 @@ class CudaMemory:
 
     def alloc(self, nbytes: int) -> Buffer:
         ptr = int(cuda_check(self.cudart.cudaMalloc(max(int(nbytes), 1))))  # cudaMalloc aligns to >= 256 bytes
+        cuda_check(self.cudart.cudaMemset(ptr, 0, max(int(nbytes), 1)))  # finite padding rows (device.DeviceDecoder)
         self._live.append(ptr)
         return Buffer(ptr, int(nbytes))
 
@@ -152,7 +153,9 @@ class OrtPointerExecutor:
         self.session = session
         self.memory = memory
 
-    def __call__(self, inputs: dict, outputs: dict) -> None:
+    def __call__(self, inputs: dict, outputs: dict, graph_key=None) -> None:
+        """``graph_key`` (same shapes and addresses as every call with that key) is for executors that capture
+        CUDA graphs; ONNX Runtime runs each call as it comes."""
         io = self.session.io_binding()
         dev, dev_id = self.memory.device_type, self.memory.device_id
         for name, (ptr, shape, dtype) in inputs.items():
@@ -180,11 +183,18 @@ class _Grown:
 class DeviceDecoder(DecoderRunner):
     """The target decoder with its K/V resident in ``memory`` (see the module docstring).
 
-    ``execute(inputs, outputs)`` runs the ``decoder`` graph over pointers. ``logits_rows(q)`` says how many
-    trailing logits rows a call of q positions copies back (a tree verify needs all; a prompt prefill only its
-    last row)."""
+    ``execute(inputs, outputs, graph_key)`` runs the ``decoder`` graph over pointers. ``logits_rows(q)`` says how
+    many trailing logits rows a call of q positions copies back (a tree verify needs all; a prompt prefill only
+    its last row).
 
-    def __init__(self, execute, memory, graph: dict, text: dict, capacity: int, logits_rows):
+    ``bucket`` (for CUDA graphs): calls of at most ``fixed_q`` positions (steps, tree verifies) bind the past
+    padded up to a multiple of ``bucket`` positions (at most ``max_past``) with the padding masked out, and use
+    buffers allocated once, so every such call of one (q, padded past) has the same shapes and addresses: its
+    ``graph_key`` lets the executor capture it once and replay it. Masked rows get weight exactly 0 (an additive
+    -1e4 underflows exp in FP32); only the order of the softmax sums changes."""
+
+    def __init__(self, execute, memory, graph: dict, text: dict, capacity: int, logits_rows,
+                 bucket: int | None = None, fixed_q: int = 0, max_past: int | None = None):
         kv = graph["kv"]
         if kv.get("layout") != "bshd":
             raise BundleError("this bundle's decoder keeps K/V as [1, kv_heads, positions, head_dim]; the device "
@@ -195,17 +205,38 @@ class DeviceDecoder(DecoderRunner):
         types = {t["name"]: t for t in graph["inputs"] + graph["outputs"]}
         self.kv_dtype = np.dtype(types[kv["past_key"][0]]["dtype"])
         self.dtypes = {n: np.dtype(t["dtype"]) for n, t in types.items()}
+        self.mask_min = float(graph.get("mask_min", -1e4))
         self.row_shape = (int(text["kv_heads"]), int(text["head_dim"]))
         self.row_bytes = int(np.prod(self.row_shape)) * self.kv_dtype.itemsize
         self.hidden, self.vocab = int(text["hidden_size"]), int(text["vocab_size"])
         self.past_names = [n for pair in zip(kv["past_key"], kv["past_value"]) for n in pair]
         self.present_names = [n for pair in zip(kv["present_key"], kv["present_value"]) for n in pair]
-        self.cache = [memory.alloc(capacity * self.row_bytes) for _ in self.past_names]
+        self.cache = [memory.alloc(capacity * self.row_bytes) for _ in self.past_names]  # zeroed: padding is finite
         self.scratch = [_Grown(memory) for _ in self.present_names]
         self.staging = {n: _Grown(memory) for n in ("inputs_embeds", "attention_mask", "position_ids",
                                                      "logits", "hidden_states", "attention_received")}
+        self.bucket = int(bucket) if bucket else None
+        self.fixed_q = int(fixed_q) if self.bucket else 0
+        self.max_past = min(int(max_past if max_past is not None else capacity - 1), capacity - self.fixed_q)
+        if self.fixed_q:  # allocated once at their largest: fixed addresses for captured graphs
+            widest = self.max_past + self.fixed_q
+            f32 = 4
+            sizes = {"inputs_embeds": self.fixed_q * self.hidden * f32, "attention_mask": self.fixed_q * widest * f32,
+                     "position_ids": self.fixed_q * 8, "logits": self.fixed_q * self.vocab * f32,
+                     "hidden_states": self.fixed_q * self.hidden * f32, "attention_received": widest * f32}
+            self._fixed_buffers = [memory.alloc(b) for b in sizes.values()]  # kept: they own the memory
+            self._fixed_buffers += [memory.alloc(self.fixed_q * self.row_bytes) for _ in self.present_names]
+            self.fixed = {n: b.ptr for n, b in zip(sizes, self._fixed_buffers)}
+            self.fixed_scratch = [b.ptr for b in self._fixed_buffers[len(sizes):]]
         self.length = 0
         self._pending_q = 0
+        self._scratch_used: list[int] = []
+
+    def padded_past(self, p: int, q: int) -> int:
+        """The past length a call binds: p, or (bucketed calls) p rounded up to the bucket, at most max_past."""
+        if not self.fixed_q or q > self.fixed_q or p == 0:
+            return p
+        return max(p, min(-(-p // self.bucket) * self.bucket, self.max_past))
 
     def run(self, embeds, mask, positions):
         q = embeds.shape[1]
@@ -214,6 +245,13 @@ class DeviceDecoder(DecoderRunner):
             raise ValueError(f"KV buffer full: {p} + {q} > capacity {self.capacity}")
         if mask.shape[-1] != p + q:
             raise ValueError(f"mask width {mask.shape[-1]} != context {p} + {q}")
+        pb = self.padded_past(p, q)
+        if pb > p:  # the padded rows [p, pb) are masked out for every query
+            padded = np.full((*mask.shape[:-1], pb + q), self.mask_min, mask.dtype)
+            padded[..., :p] = mask[..., :p]
+            padded[..., pb:] = mask[..., p:]
+            mask = padded
+        fixed = bool(self.fixed_q) and q <= self.fixed_q
         dt = self.dtypes
         feeds = {"inputs_embeds": embeds.astype(dt["inputs_embeds"], copy=False),
                  "attention_mask": mask.astype(dt["attention_mask"], copy=False),
@@ -221,23 +259,25 @@ class DeviceDecoder(DecoderRunner):
         inputs = {}
         for name, arr in feeds.items():
             arr = np.ascontiguousarray(arr)
-            ptr = self.staging[name].get(arr.nbytes)
+            ptr = self.fixed[name] if fixed else self.staging[name].get(arr.nbytes)
             self.memory.upload(ptr, arr)
             inputs[name] = (ptr, arr.shape, arr.dtype)
         for name, buf in zip(self.past_names, self.cache):
-            inputs[name] = (buf.ptr, (1, p, *self.row_shape), self.kv_dtype)  # the first p rows: contiguous
-        shapes = {"logits": (1, q, self.vocab), "hidden_states": (1, q, self.hidden), "attention_received": (1, p + q)}
-        outputs = {n: (self.staging[n].get(int(np.prod(s)) * dt[n].itemsize), s, dt[n]) for n, s in shapes.items()}
-        for name, scratch in zip(self.present_names, self.scratch):
-            outputs[name] = (scratch.get(q * self.row_bytes), (1, q, *self.row_shape), self.kv_dtype)
-        self.execute(inputs, outputs)
+            inputs[name] = (buf.ptr, (1, pb, *self.row_shape), self.kv_dtype)  # the first pb rows: contiguous
+        shapes = {"logits": (1, q, self.vocab), "hidden_states": (1, q, self.hidden), "attention_received": (1, pb + q)}
+        outputs = {n: (self.fixed[n] if fixed else self.staging[n].get(int(np.prod(s)) * dt[n].itemsize), s, dt[n])
+                   for n, s in shapes.items()}
+        self._scratch_used = self.fixed_scratch if fixed else [s.get(q * self.row_bytes) for s in self.scratch]
+        for name, ptr in zip(self.present_names, self._scratch_used):
+            outputs[name] = (ptr, (1, q, *self.row_shape), self.kv_dtype)
+        self.execute(inputs, outputs, (q, pb) if fixed else None)
         rows = self.logits_rows(q)
         lptr, _, ldt = outputs["logits"]
+        received = self.memory.download(outputs["attention_received"][0], shapes["attention_received"], dt["attention_received"])
         out = {
             "logits": self.memory.download(lptr + (q - rows) * self.vocab * ldt.itemsize, (1, rows, self.vocab), ldt),
             "hidden_states": self.memory.download(outputs["hidden_states"][0], shapes["hidden_states"], dt["hidden_states"]),
-            "attention_received": self.memory.download(outputs["attention_received"][0], shapes["attention_received"],
-                                                       dt["attention_received"]),
+            "attention_received": np.concatenate([received[:, :p], received[:, pb:]], axis=1) if pb > p else received,
         }
         self._pending_q = q
         return {k: v.astype(np.float32, copy=False) for k, v in out.items()}
@@ -245,9 +285,9 @@ class DeviceDecoder(DecoderRunner):
     def commit(self, rows=None):
         q = self._pending_q
         copies = kv_row_copies(self.length, q, rows)
-        for buf, scratch in zip(self.cache, self.scratch):
+        for buf, src_ptr in zip(self.cache, self._scratch_used):
             for dst, src, n in copies:
-                self.memory.copy(buf.ptr + dst * self.row_bytes, scratch.buf.ptr + src * self.row_bytes, n * self.row_bytes)
+                self.memory.copy(buf.ptr + dst * self.row_bytes, src_ptr + src * self.row_bytes, n * self.row_bytes)
         self.length += q if rows is None else len(rows)
         self._pending_q = 0
 

@@ -65,15 +65,18 @@ class OrtBackend(Backend):
             self._memory = HostMemory() if self.ort_cpu else CudaMemory(self.device_id)
         return self._memory
 
-    def device_decoder(self, capacity: int):
-        """The ``decoder`` graph with K/V resident in this backend's memory, bound by pointer through IOBinding."""
+    def device_decoder(self, capacity: int, bucket: int | None = None):
+        """The ``decoder`` graph with K/V resident in this backend's memory, bound by pointer through IOBinding.
+        ``bucket``: pad steps' and verifies' past as the TensorRT backend does for CUDA graphs (tests run it here)."""
         from .device import DeviceDecoder, OrtPointerExecutor
         from .trt_plan import Plan
 
         plan = Plan.from_manifest(self.bundle.manifest)
         execute = OrtPointerExecutor(self.session("decoder"), self.memory())
+        n = int((self.bundle.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
         return DeviceDecoder(execute, self.memory(), self._specs["decoder"], self.bundle.manifest["text"], capacity,
-                             plan.logits_rows)
+                             plan.logits_rows, bucket=bucket, fixed_q=max(n, 1),
+                             max_past=int(self.bundle.manifest["text"]["max_positions"]) - 1)
 
     def _prepare_caches(self) -> None:
         """The TensorRT provider writes engines into the bundle's engines/ folder: made when a session is."""

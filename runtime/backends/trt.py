@@ -14,13 +14,17 @@ tested on the CPU; the device decoder itself runs there over ONNX Runtime with h
 - One execution context per optimization profile (a decoder has step, verify and prefill), all on one stream.
 - The decoder keeps its K/V on the device (``device.DeviceDecoder``): bound in place as the past, new rows copied
   device to device, only logits / hidden rows / attention scores come back.
-- Not done: CUDA graphs. Every decoder call's past length differs from the last one's, so a captured graph would
-  be replayed only if the past were padded to fixed buckets; that trade (attention over padding) is not measured.
+- CUDA graphs for steps and tree verifies: their past is padded to a multiple of ``GRAPH_BUCKET`` positions (the
+  padding masked out; ``device.DeviceDecoder``) and their buffers are allocated once, so each (call size, bucket)
+  has fixed shapes and addresses; it is captured once, on an execution context of its own, and replayed
+  (``DREAM_CUDA_GRAPHS=0`` turns this off; a failed capture turns it off with one line). The padding costs
+  attention over at most GRAPH_BUCKET - 1 masked positions per call; not measured (no GPU here).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +33,9 @@ import numpy as np
 
 from ..errors import BundleError
 from .base import TRT_MINIMUM, Backend, BackendUnavailable
-from .device import CudaMemory, DeviceDecoder, _Grown
+from .device import CudaMemory, DeviceDecoder, _Grown, cuda_check
+
+GRAPH_BUCKET = 64  # decoder calls bind their past padded to a multiple of this many positions (one graph per bucket)
 from .trt_plan import EngineCache, Plan, engine_dir, graph_digest
 
 
@@ -81,37 +87,81 @@ def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_b
 
 
 class TrtEngine:
-    """A deserialized engine with one execution context per optimization profile."""
+    """A deserialized engine with one execution context per optimization profile, plus one per captured CUDA
+    graph; all contexts run one at a time on one stream, so they share one activation buffer (USER_MANAGED)."""
 
-    def __init__(self, trt, data: bytes, profiles, memory: CudaMemory):
+    def __init__(self, trt, data: bytes, profiles, memory: CudaMemory, cuda_graphs: bool = True):
         self.trt, self.memory = trt, memory
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BundleError("TensorRT could not deserialize the engine (built by another TensorRT version?)")
+        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        self.activations = memory.alloc(int(size))
         self.profiles = [p.name for p in profiles]
-        self.contexts = []
-        for k in range(len(profiles)):
-            ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(k, int(memory.stream))
-            self.contexts.append(ctx)
-        memory.synchronize()
+        self.contexts = [self._context(k) for k in range(len(profiles))]
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict = {}  # (profile, key) -> (its own context, instantiated CUDA graph)
 
-    def execute(self, profile: str, inputs: dict, outputs: dict) -> None:
-        """``inputs`` / ``outputs``: name -> (device pointer, shape, dtype), pointers 256-byte aligned."""
-        ctx = self.contexts[self.profiles.index(profile)]
+    def _context(self, profile_index: int):
+        strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        ctx = self.engine.create_execution_context(strategy)
+        if hasattr(ctx, "set_device_memory"):  # TensorRT >= 10.1
+            ctx.set_device_memory(self.activations.ptr, self.activations.nbytes)
+        else:
+            ctx.device_memory = self.activations.ptr
+        ctx.set_optimization_profile_async(profile_index, int(self.memory.stream))
+        self.memory.synchronize()
+        return ctx
+
+    def _bind(self, ctx, profile: str, inputs: dict, outputs: dict) -> None:
         for name, (ptr, shape, _) in inputs.items():
             if not ctx.set_input_shape(name, tuple(int(d) for d in shape)):
                 raise BundleError(f"TensorRT refused shape {tuple(shape)} for input {name!r} (profile {profile})")
             ctx.set_tensor_address(name, int(ptr))
         for name, (ptr, _, _) in outputs.items():
             ctx.set_tensor_address(name, int(ptr))
+
+    def execute(self, profile: str, inputs: dict, outputs: dict, graph_key=None) -> None:
+        """``inputs`` / ``outputs``: name -> (device pointer, shape, dtype), pointers 256-byte aligned. A
+        ``graph_key`` promises the same shapes and addresses for every call with that key: the first call runs and
+        is then captured as a CUDA graph (on a context of its own, whose shapes never change), later ones replay it.
+        Any failure to capture turns graphs off for this engine (said once) and calls run as usual."""
+        if graph_key is not None and self.cuda_graphs:
+            entry = self.graphs.get((profile, graph_key))
+            if entry is not None:
+                cuda_check(self.memory.cudart.cudaGraphLaunch(entry[1], self.memory.stream))
+                self.memory.synchronize()
+                return
+            try:
+                self._capture(profile, inputs, outputs, graph_key)
+                return
+            except Exception as exc:  # noqa: BLE001 - an unsupported capture must not stop decoding
+                self.cuda_graphs = False
+                _log(f"dream-export: CUDA graphs off for this engine ({type(exc).__name__}: {exc}); running without")
+        ctx = self.contexts[self.profiles.index(profile)]
+        self._bind(ctx, profile, inputs, outputs)
         if not ctx.execute_async_v3(int(self.memory.stream)):
             raise BundleError(f"TensorRT execution failed (profile {profile})")
         self.memory.synchronize()
+
+    def _capture(self, profile: str, inputs: dict, outputs: dict, key) -> None:
+        cudart, stream = self.memory.cudart, self.memory.stream
+        ctx = self._context(self.profiles.index(profile))
+        self._bind(ctx, profile, inputs, outputs)
+        if not ctx.execute_async_v3(int(stream)):  # this call's results; also flushes TensorRT's deferred updates
+            raise BundleError(f"TensorRT execution failed (profile {profile})")
+        self.memory.synchronize()
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        cuda_check(cudart.cudaStreamBeginCapture(stream, mode))
+        try:
+            ctx.execute_async_v3(int(stream))
+        finally:
+            graph = cuda_check(cudart.cudaStreamEndCapture(stream))
+        self.graphs[(profile, key)] = (ctx, cuda_check(cudart.cudaGraphInstantiate(graph, 0)))
 
     def output_shapes(self, profile: str, inputs: dict) -> dict:
         ctx = self.contexts[self.profiles.index(profile)]
@@ -125,7 +175,8 @@ class TrtBackend(Backend):
     ort_cpu = False
     device_kv = True
 
-    def __init__(self, bundle, device_id: int = 0, workspace_gb: float | None = None, progress=_log):
+    def __init__(self, bundle, device_id: int = 0, workspace_gb: float | None = None, progress=_log,
+                 cuda_graphs: bool | None = None):
         super().__init__(bundle)
         self.trt = tensorrt_module()
         self.memory = CudaMemory(device_id)
@@ -135,6 +186,8 @@ class TrtBackend(Backend):
         self.cache = EngineCache(engine_dir(bundle.path, gpu, cc, self.trt.__version__, precision))
         self.workspace = int(workspace_gb * (1 << 30)) if workspace_gb else None
         self.progress = progress
+        # DREAM_CUDA_GRAPHS=0 turns CUDA graphs off (they are on by default: they have not run on a GPU here)
+        self.cuda_graphs = os.environ.get("DREAM_CUDA_GRAPHS", "1") != "0" if cuda_graphs is None else cuda_graphs
         self.engines: dict[str, TrtEngine] = {}
         self._staging: dict[tuple[str, str], _Grown] = {}
 
@@ -159,7 +212,8 @@ class TrtBackend(Backend):
 
     def open(self, graph: str) -> None:
         if graph not in self.engines:
-            self.engines[graph] = TrtEngine(self.trt, self.engine_path(graph).read_bytes(), self.plan.profiles[graph], self.memory)
+            self.engines[graph] = TrtEngine(self.trt, self.engine_path(graph).read_bytes(), self.plan.profiles[graph],
+                                            self.memory, cuda_graphs=self.cuda_graphs)
 
     def _run(self, graph, feeds, output_names):
         """Host in, host out (vision, drafter graphs): inputs uploaded, outputs sized by TensorRT's shape inference."""
@@ -185,12 +239,15 @@ class TrtBackend(Backend):
         self.open("decoder")
         eng = self.engines["decoder"]
 
-        def execute(inputs, outputs):
+        def execute(inputs, outputs, graph_key=None):
             shapes = {n: s for n, (_, s, _) in inputs.items()}
-            eng.execute(self.plan.profile_for("decoder", shapes).name, inputs, outputs)
+            eng.execute(self.plan.profile_for("decoder", shapes).name, inputs, outputs, graph_key)
 
+        # steps and tree verifies: past padded to buckets of GRAPH_BUCKET positions, fixed buffers -> CUDA graphs
+        n = int((self.bundle.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
         return DeviceDecoder(execute, self.memory, self._specs["decoder"], self.bundle.manifest["text"], capacity,
-                             self.plan.logits_rows)
+                             self.plan.logits_rows, bucket=GRAPH_BUCKET if self.cuda_graphs else None, fixed_q=max(n, 1),
+                             max_past=int(self.bundle.manifest["text"]["max_positions"]) - 1)
 
 
 def build_engines(bundle_path, device_id: int = 0, workspace_gb: float | None = None, graphs=None,
