@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--no-image-splitting", dest="image_splitting", action="store_false",
                        help="one tile per image: less vision and prefill time, less detail")
     vis.add_argument("--longest-edge", type=int, default=None, help="resize so the longest edge is this many pixels")
-    p.add_argument("--backend", default="auto", help="auto (TensorRT provider, then CUDA, then CPU: the pick is reported), "
-                   "ort-cpu, ort-cuda, ort-trt, trt")
+    p.add_argument("--backend", default="auto", help="auto (ONNX Runtime's TensorRT provider, then its CUDA provider, then "
+                   "our TensorRT backend, then the CPU: the pick is reported), ort-cpu, ort-cuda, ort-trt, trt")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="context length in positions (default: the model's); K/V are preallocated for it, so a shorter "

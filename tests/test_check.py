@@ -52,3 +52,19 @@ def test_dream_check_on_a_gpu(tiny, tmp_path, backend):
     assert main(["--bundle", str(bundle), "--backend", backend, "--scenes", "20", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["backend"] == backend and report["lossless"]
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_dream_check_on_our_tensorrt_backend(tiny, tmp_path):
+    """On an NVIDIA GPU with TensorRT >= 10.3 and cuda-python: pytest -m "gpu and trt" tests/test_check.py.
+    Builds the engines in a copy of the bundle, decodes with K/V on the device (CUDA graphs on)."""
+    import shutil
+
+    _, bundle = tiny
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle, b)
+    assert main(["--bundle", str(b), "--backend", "trt", "--scenes", "20", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["backend"] == "trt" and report["lossless"] and report["device_kv"]
+    assert report["reference"]["identical_answers"] >= 18
