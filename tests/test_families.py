@@ -27,11 +27,23 @@ def _llava(layout):
     return lambda folder: build_tiny_llava(folder, spec)
 
 
+def _llava_next(layout):
+    from dream_export.presets.tiny_llava import TinyLlavaNextSpec, build_tiny_llava_next
+
+    spec = {"anyres": TinyLlavaNextSpec(),  # LLaVA-1.6 layout: 1x2, 2x1, 2x2, 1x3 grids of the tower's square
+            "anyres_p8": TinyLlavaNextSpec(image_size=48, patch=8, pinpoints=((1, 2), (2, 2), (3, 1)), text_layers=3,
+                                           kv_heads=4, seed=2)}[layout]
+    return lambda folder: build_tiny_llava_next(folder, spec)
+
+
 # family -> {layout: builder(folder) -> model folder}; a registered family without an entry fails a test below
 TEST_MODELS = {
     "llava": {"clip336like": _llava("clip336like"), "full_cls": _llava("full_cls")},
+    "llava_next": {"anyres": _llava_next("anyres"), "anyres_p8": _llava_next("anyres_p8")},
     "idefics3": {},  # SmolVLM: tests/conftest.py's zoo (CONFIGS) and the built-in smolvlm-tiny
 }
+LAYOUTS = [(f, layout) for f, layouts in TEST_MODELS.items() for layout in layouts]
+FIRST = [(f, next(iter(layouts))) for f, layouts in TEST_MODELS.items() if layouts]
 
 
 class Families:
@@ -106,11 +118,11 @@ def _run_json(capsys, argv):
     return json.loads(captured.out)
 
 
-@pytest.mark.parametrize("layout", ["clip336like", "full_cls"])
-def test_llava_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, layout):
-    model_dir, bundle = families.get("llava", layout)
+@pytest.mark.parametrize("family,layout", LAYOUTS)
+def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, family, layout):
+    model_dir, bundle = families.get(family, layout)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["source"]["family"] == "llava" and manifest["preprocessing"]["kind"] == "clip"
+    assert manifest["source"]["family"] == family
     pipe = Pipeline.from_bundle(bundle)
     for i, (names, prompt_idx) in enumerate(PAIRS):
         paths = [images[n] for n in names]
@@ -124,22 +136,27 @@ def test_llava_greedy_ids_equal_transformers_on_20_pairs(families, images, capsy
         assert got == want, (names, prompt)
 
 
-@pytest.mark.parametrize("layout", ["clip336like", "full_cls"])
-def test_llava_pixels_and_prompt_ids_equal_the_hf_processor(families, images, layout):
-    model_dir, bundle = families.get("llava", layout)
+@pytest.mark.parametrize("family,layout", LAYOUTS)
+def test_pixels_and_prompt_ids_equal_the_hf_processor(families, images, family, layout):
+    model_dir, bundle = families.get(family, layout)
     pipe = Pipeline.from_bundle(bundle)
-    for names in (["astronaut"], ["tall_strip"], ["one_pixel"], ["rgba", "gray16"], ["huge"], ["exif_rotated"]):
+    for names in (["astronaut"], ["tall_strip"], ["wide_strip"], ["one_pixel"], ["rgba", "gray16"], ["huge"],
+                  ["exif_rotated"]):
         paths = [images[n] for n in names]
         prep = pipe.prepare(paths, "Describe the image.")
         enc = hf_inputs(str(model_dir), paths, "Describe the image.")
-        assert np.array_equal(prep.input_ids, enc["input_ids"][0].numpy())
-        np.testing.assert_array_equal(np.concatenate(prep.tiles), enc["pixel_values"].numpy())
+        assert np.array_equal(prep.input_ids, enc["input_ids"][0].numpy()), names
+        pixels = enc["pixel_values"].numpy()
+        if pixels.ndim == 5:  # [images, patches (padded to the most), 3, S, S]
+            pixels = np.concatenate([p[:len(t)] for p, t in zip(pixels, prep.tiles)])
+        np.testing.assert_array_equal(np.concatenate(prep.tiles), pixels)
 
 
+@pytest.mark.parametrize("family,layout", FIRST)
 @pytest.mark.parametrize("drafter", ["random", "trained"])
 @pytest.mark.parametrize("tree", [TreeSpec(8, 3, 2), TreeSpec(12, 4, 3)], ids=["tree8", "tree12"])
-def test_llava_speculative_equals_plain(families, images, drafter, tree):
-    _, bundle = families.get("llava", "clip336like", drafter, tree)
+def test_speculative_equals_plain(families, images, family, layout, drafter, tree):
+    _, bundle = families.get(family, layout, drafter, tree)
     pipe = Pipeline.from_bundle(bundle)
     for names, prompt_idx in PAIRS[:6] + [PAIRS[14]]:
         paths = [images[n] for n in names]
@@ -151,8 +168,9 @@ def test_llava_speculative_equals_plain(families, images, drafter, tree):
         pipe.generate([images["coffee"]], PROMPTS[1], max_new_tokens=MAX_NEW, speculative=False).token_ids
 
 
-def test_llava_text_only_and_unsupported_options(families, images, capsys):
-    model_dir, bundle = families.get("llava", "clip336like")
+@pytest.mark.parametrize("family,layout", FIRST)
+def test_text_only_and_unsupported_options(families, images, capsys, family, layout):
+    model_dir, bundle = families.get(family, layout)
     got = _run_json(capsys, ["Tell me a story.", "--bundle", str(bundle), "--max-new-tokens", "12", "--json"])["token_ids"]
     assert got == hf_generate(str(model_dir), [], "Tell me a story.", 12)
     capsys.readouterr()
@@ -163,9 +181,10 @@ def test_llava_text_only_and_unsupported_options(families, images, capsys):
     assert "fixed size" in capsys.readouterr().err
 
 
-def test_llava_runs_a_drafter_in_the_released_dream_layout(families, images, tmp_path):
-    """The only released DREAM drafter is for a LLaVA target: a tiny drafter saved under its key names and
-    config.json loads through --drafter and decodes lossless against the LLaVA target."""
+@pytest.mark.parametrize("family,layout", FIRST)
+def test_a_drafter_in_the_released_dream_layout(families, images, tmp_path, family, layout):
+    """The only released DREAM drafter is for LLaVA-1.6 (LLaVA-NeXT): a tiny drafter saved under its key names and
+    config.json loads through --drafter and decodes lossless against the LLaVA targets."""
     import torch
     from safetensors.torch import save_file
 
@@ -174,7 +193,7 @@ def test_llava_runs_a_drafter_in_the_released_dream_layout(families, images, tmp
     from dream_export.drafter.released import to_theirs
     from dream_export.export.exporter import load_target
 
-    model_dir, _ = families.get("llava", "clip336like")
+    model_dir, _ = families.get(family, layout)
     model, _ = load_target(str(model_dir))
     cfg = DrafterConfig.for_target(model.config.text_config)
     torch.manual_seed(3)

@@ -160,7 +160,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             if spec is not None:
                 graphs[spec.name] = _inventory_checked(spec, tmp)
         with stages.stage("one copy of every weight (graphs share weights.bin)"):
-            placed, used = share_weights(tmp, [g["file"] for g in graphs.values()], extra={"embed_tokens": emb})
+            arrays = {k: np.asarray(v, np.float32) for k, v in adapter.extra_arrays().items()}  # e.g. LLaVA-NeXT's image_newline
+            placed, used = share_weights(tmp, [g["file"] for g in graphs.values()], extra={"embed_tokens": emb, **arrays})
             for g in graphs.values():
                 g["external_data"] = sorted(used[g["file"]])
         with stages.stage("tokenizer, manifest"):
@@ -183,6 +184,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 },
                 "graphs": graphs,
                 "embeddings": placed["embed_tokens"],
+                "arrays": {k: placed[k] for k in arrays},  # what the family's preprocessing needs at run time
                 "tokenizer": {"file": "tokenizer.json"},
                 "preprocessing": pre,
                 "chat_template": adapter.chat_template(),

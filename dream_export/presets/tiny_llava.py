@@ -89,3 +89,57 @@ def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
     processor.save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1))
     return out_dir
+
+
+@dataclass(frozen=True)
+class TinyLlavaNextSpec(TinyLlavaSpec):
+    # grid pinpoints in units of the tower's square (image_size): 1x2, 2x1, 2x2 and a 1x3 strip
+    pinpoints: tuple = ((1, 2), (2, 1), (2, 2), (1, 3))
+
+
+def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLlavaNextSpec()) -> Path:
+    import torch
+    from transformers import (GenerationConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    from .tiny import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    out_dir = Path(out_dir)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    eos_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    pinpoints = [[h * spec.image_size, w * spec.image_size] for h, w in spec.pinpoints]
+    config = LlavaNextConfig(
+        image_token_id=image_token_id, image_grid_pinpoints=pinpoints,
+        vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
+        vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
+                           intermediate_size=spec.vision_intermediate, num_hidden_layers=spec.vision_layers,
+                           num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch,
+                           projection_dim=spec.vision_hidden, initializer_range=spec.init_std),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=spec.hidden,
+                         intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
+                         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                         head_dim=spec.hidden // spec.heads, max_position_embeddings=spec.max_positions,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, spec.init_std)
+        model.model.image_newline.normal_(0.0, 1.0)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
+                                                 crop_size={"height": spec.image_size, "width": spec.image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
+                                   vision_feature_select_strategy=spec.select_strategy,
+                                   chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1))
+    return out_dir

@@ -108,6 +108,11 @@ class TargetAdapter(ABC):
         cont = tok(VALIDATION_CONTINUATION, add_special_tokens=False)["input_ids"]
         return TextSample(np.asarray(prompt, np.int64), np.asarray(cont, np.int64))
 
+    def extra_arrays(self) -> dict:
+        """Arrays the runtime's preprocessing of this family needs (written to the bundle, listed under the
+        manifest's ``arrays``); none by default."""
+        return {}
+
     def tokenizer_json(self) -> str:
         """The fast tokenizer serialised as tokenizer.json text (what ``tokenizers`` loads)."""
         return self.processor.tokenizer.backend_tokenizer.to_str()

@@ -2,7 +2,7 @@
 (-2 in LLaVA-1.5), the CLS token dropped (``vision_feature_select_strategy == "default"``), an MLP projector,
 and a Llama text model. One image = one resized, centre-cropped square = ``image_seq_len`` image tokens.
 
-LLaVA-NeXT (anyres tiling, image_newline) is a different class and not covered by this adapter."""
+LLaVA-NeXT (anyres tiling, image_newline) is ``LlavaNextAdapter`` below."""
 
 from __future__ import annotations
 
@@ -138,6 +138,48 @@ class LlavaAdapter(TargetAdapter):
         """The image embeddings transformers' own forward puts at the image tokens ([n_image_tokens, H])."""
         cfg = self.model.config
         out = self.model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT / LLaVA-1.6 (``LlavaNextForConditionalGeneration``): "anyres" images (the best grid pinpoint,
+    resized, padded and cut into tower-size patches, plus a base patch of the whole image), packed by the model
+    into base tokens + the unpadded patch grid with a learned ``image_newline`` closing each row. The tower and
+    projector run per patch in the exported vision graph; the packing is the runtime's ``llava_next``
+    preprocessing kind (with ``image_newline`` stored in the bundle)."""
+
+    model_types = ("llava_next",)
+    family = "llava_next"
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        if model.config.vision_feature_select_strategy != "default":
+            raise DreamExportError("LLaVA-NeXT with vision_feature_select_strategy 'full': expected 'default' "
+                                   "(the patch grid packing assumes square token grids)")
+
+    def preprocessing(self):
+        pre = super().preprocessing()
+        cfg = self.model.config
+        side = cfg.vision_config.image_size
+        pinpoints = [[int(h), int(w)] for h, w in cfg.image_grid_pinpoints]
+        ip_pinpoints = [[int(h), int(w)] for h, w in self.processor.image_processor.image_grid_pinpoints]
+        if ip_pinpoints != pinpoints:
+            raise DreamExportError(f"image processor grid pinpoints {ip_pinpoints} != the model's {pinpoints}")
+        pre.update(kind="llava_next", image_grid_pinpoints=pinpoints,
+                   patch_tokens=(side // cfg.vision_config.patch_size) ** 2,
+                   tiles_per_image=1 + max(h * w for h, w in pinpoints) // (side * side))
+        return pre
+
+    def extra_arrays(self) -> dict:
+        return {"image_newline": self.model.model.image_newline.detach().float().numpy()}
+
+    def hf_image_features(self, pixel_values, image_sizes=None, **_):
+        cfg = self.model.config
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                  vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
