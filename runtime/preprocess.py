@@ -311,8 +311,7 @@ class LlavaNextPreprocessor(ClipPreprocessor):
 
     def image(self, im: Image.Image, image_splitting: bool | None = None, longest_edge: int | None = None) -> ProcessedImage:
         processed = super().image(im, image_splitting, longest_edge)
-        arr = to_rgb_array(im) if self.cfg["do_convert_rgb"] else np.array(im)
-        processed.size = tuple(int(v) for v in arr.shape[:2])
+        processed.size = (int(im.height), int(im.width))  # the packing unpads to the image's own aspect
         return processed
 
     def frames(self, arr: np.ndarray, resample: int, c: dict | None = None) -> tuple[list[np.ndarray], int, int]:

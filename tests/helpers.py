@@ -127,3 +127,16 @@ def tiny_vocab_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
                                    unk_token="[UNK]", pad_token="<|im_end|>",
                                    additional_special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
+
+
+def run_cli_json(capsys, argv) -> dict:
+    """``dream-run ... --json`` in process: its exit code must be 0; the printed JSON object."""
+    import json
+
+    from runtime import cli
+
+    capsys.readouterr()
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return json.loads(captured.out)

@@ -1,22 +1,11 @@
 """dream-run --json greedy token ids == transformers generate(do_sample=False): 20 pairs x 2 configs, and
 the vision layouts of SmolVLM-2B and -256M on the hardest inputs."""
 
-import json
-
 import pytest
 
-from helpers import PAIRS, PROMPTS, hf_generate
-from runtime import cli
+from helpers import PAIRS, PROMPTS, hf_generate, run_cli_json
 
 MAX_NEW = 24
-
-
-def run_cli_json(capsys, argv):
-    capsys.readouterr()
-    rc = cli.main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    return json.loads(captured.out)
 
 
 @pytest.mark.parametrize("config", ["split_mha", "gqa_nosplit"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import PAIRS, PROMPTS, hf_generate, hf_inputs
+from helpers import PAIRS, PROMPTS, hf_generate, hf_inputs, run_cli_json
 from runtime import cli
 from runtime.pipeline import Pipeline
 from runtime.tree import TreeSpec
@@ -110,14 +110,6 @@ def test_every_registered_family_has_a_test_model():
         assert family == "idefics3" or len(layouts) >= 2, family  # two layouts each (SmolVLM's live in the zoo)
 
 
-def _run_json(capsys, argv):
-    capsys.readouterr()
-    rc = cli.main(argv)
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    return json.loads(captured.out)
-
-
 @pytest.mark.parametrize("family,layout", LAYOUTS)
 def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, family, layout):
     model_dir, bundle = families.get(family, layout)
@@ -128,7 +120,7 @@ def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, fam
         paths = [images[n] for n in names]
         prompt = PROMPTS[prompt_idx]
         if i % 5 == 0:  # through the CLI as a user runs it
-            got = _run_json(capsys, [*map(str, paths), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW),
+            got = run_cli_json(capsys, [*map(str, paths), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW),
                                      "--json"])["token_ids"]
         else:
             got = pipe.generate(paths, prompt, max_new_tokens=MAX_NEW).token_ids
@@ -171,7 +163,7 @@ def test_speculative_equals_plain(families, images, family, layout, drafter, tre
 @pytest.mark.parametrize("family,layout", FIRST)
 def test_text_only_and_unsupported_options(families, images, capsys, family, layout):
     model_dir, bundle = families.get(family, layout)
-    got = _run_json(capsys, ["Tell me a story.", "--bundle", str(bundle), "--max-new-tokens", "12", "--json"])["token_ids"]
+    got = run_cli_json(capsys, ["Tell me a story.", "--bundle", str(bundle), "--max-new-tokens", "12", "--json"])["token_ids"]
     assert got == hf_generate(str(model_dir), [], "Tell me a story.", 12)
     capsys.readouterr()
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--image-splitting"]) == 2

@@ -46,8 +46,7 @@ class TinyLlavaSpec:
 
 
 def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
-    import torch
-    from transformers import CLIPImageProcessorPil, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from .tiny import load_tokenizer
 
@@ -60,35 +59,15 @@ def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
         vision_feature_layer=spec.feature_layer,
         vision_feature_select_strategy=spec.select_strategy,
         projector_hidden_act="gelu",
-        vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
-                           intermediate_size=spec.vision_intermediate, num_hidden_layers=spec.vision_layers,
-                           num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch,
-                           projection_dim=spec.vision_hidden, initializer_range=spec.init_std),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=spec.hidden,
-                         intermediate_size=spec.intermediate, num_hidden_layers=spec.text_layers,
-                         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-                         head_dim=spec.hidden // spec.heads, max_position_embeddings=spec.max_positions,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
+        **_towers(spec, tokenizer, eos_id),
     )
-    torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # HF initialises with std initializer_range; make the text model's logits peaky
-        for p in model.model.language_model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, spec.init_std)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model = _model(LlavaForConditionalGeneration, config, spec, tokenizer, eos_id)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": spec.shortest_edge},
                                             crop_size={"height": spec.image_size, "width": spec.image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
                                vision_feature_select_strategy=spec.select_strategy, chat_template=LLAVA_CHAT_TEMPLATE,
                                image_token="<image>", num_additional_image_tokens=1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=1))
-    return out_dir
+    return _save(out_dir, model, processor, spec)
 
 
 @dataclass(frozen=True)
@@ -99,8 +78,7 @@ class TinyLlavaNextSpec(TinyLlavaSpec):
 
 def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLlavaNextSpec()) -> Path:
     import torch
-    from transformers import (GenerationConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 
     from .tiny import load_tokenizer
 
@@ -112,6 +90,23 @@ def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLla
     config = LlavaNextConfig(
         image_token_id=image_token_id, image_grid_pinpoints=pinpoints,
         vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
+        **_towers(spec, tokenizer, eos_id),
+    )
+    model = _model(LlavaNextForConditionalGeneration, config, spec, tokenizer, eos_id)
+    with torch.no_grad():
+        model.model.image_newline.normal_(0.0, 1.0)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
+                                                 crop_size={"height": spec.image_size, "width": spec.image_size},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
+                                   vision_feature_select_strategy=spec.select_strategy,
+                                   chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    return _save(out_dir, model, processor, spec)
+
+
+def _towers(spec, tokenizer, eos_id) -> dict:
+    """The CLIP tower and Llama text model configs both LLaVA layouts use."""
+    return dict(
         vision_config=dict(model_type="clip_vision_model", hidden_size=spec.vision_hidden,
                            intermediate_size=spec.vision_intermediate, num_hidden_layers=spec.vision_layers,
                            num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch,
@@ -121,23 +116,25 @@ def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLla
                          num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                          head_dim=spec.hidden // spec.heads, max_position_embeddings=spec.max_positions,
                          rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
-    )
+                         eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std))
+
+
+def _model(cls, config, spec, tokenizer, eos_id):
+    import torch
+    from transformers import GenerationConfig
+
     torch.manual_seed(spec.seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
+    model = cls(config).eval()
+    with torch.no_grad():  # HF initialises with std initializer_range; make the text model's logits peaky
         for p in model.model.language_model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, spec.init_std)
-        model.model.image_newline.normal_(0.0, 1.0)
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
-                                                 crop_size={"height": spec.image_size, "width": spec.image_size},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
-                                   vision_feature_select_strategy=spec.select_strategy,
-                                   chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    return model
+
+
+def _save(out_dir: Path, model, processor, spec) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -42,33 +42,46 @@ class TargetAdapter(ABC):
         self.model = model.eval()
         self.processor = processor
 
-    # --- pieces of the text model -------------------------------------------------------------
+    # --- pieces of the text model (transformers' VLM conventions; a family overrides what differs) ---------
     @property
     @abstractmethod
-    def text_config(self): ...
+    def text_model(self):
+        """The family's text decoder module (embed_tokens, layers, norm, rotary_emb)."""
 
-    @abstractmethod
-    def embed_tokens(self): ...
+    @property
+    def text_config(self):
+        return self.model.config.text_config
 
-    @abstractmethod
-    def decoder_layers(self) -> list: ...
+    def embed_tokens(self):
+        return self.text_model.embed_tokens
 
-    @abstractmethod
-    def final_norm(self): ...
+    def decoder_layers(self) -> list:
+        return list(self.text_model.layers)
 
-    @abstractmethod
-    def rotary_emb(self): ...
+    def final_norm(self):
+        return self.text_model.norm
 
-    @abstractmethod
-    def lm_head(self): ...
+    def rotary_emb(self):
+        return self.text_model.rotary_emb
+
+    def lm_head(self):
+        return self.model.lm_head
+
+    def stop_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.text_config.eos_token_id
+        ids = ids if isinstance(ids, (list, tuple)) else [ids]
+        return [int(i) for i in ids if i is not None]
 
     # --- vision ------------------------------------------------------------------------------
     @abstractmethod
     def vision_module(self):
         """nn.Module: pixel_values [tiles,3,S,S] -> image_embeds [tiles, image_seq_len, hidden]."""
 
-    @abstractmethod
-    def vision_input_shape(self) -> tuple[int, int, int]: ...
+    def vision_input_shape(self) -> tuple[int, int, int]:
+        cfg = self.model.config.vision_config
+        return (cfg.num_channels, cfg.image_size, cfg.image_size)
 
     @abstractmethod
     def hf_image_features(self, pixel_values, **processor_outputs):
@@ -76,15 +89,13 @@ class TargetAdapter(ABC):
         outputs (training features use it; the exported ``vision_module`` is checked against the same model)."""
 
     @property
-    @abstractmethod
-    def image_token_id(self) -> int: ...
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
 
     # --- preprocessing, written to the manifest -----------------------------------------------
     @abstractmethod
     def preprocessing(self) -> dict[str, Any]: ...
 
-    @abstractmethod
-    def stop_token_ids(self) -> list[int]: ...
 
     def chat_template(self) -> str:
         template = getattr(self.processor, "chat_template", None) or getattr(self.processor.tokenizer, "chat_template", None)

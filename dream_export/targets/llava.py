@@ -61,47 +61,13 @@ class LlavaAdapter(TargetAdapter):
     def text_model(self):
         return self.model.model.language_model
 
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    def embed_tokens(self):
-        return self.text_model.embed_tokens
-
-    def decoder_layers(self):
-        return list(self.text_model.layers)
-
-    def final_norm(self):
-        return self.text_model.norm
-
-    def rotary_emb(self):
-        return self.text_model.rotary_emb
-
-    def lm_head(self):
-        return self.model.lm_head
-
     def vision_module(self):
         return _LlavaVision(self.model)
-
-    def vision_input_shape(self):
-        cfg = self.model.config.vision_config
-        return (cfg.num_channels, cfg.image_size, cfg.image_size)
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     def image_seq_len(self) -> int:
         cfg = self.model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         return side * side + (0 if cfg.vision_feature_select_strategy == "default" else 1)
-
-    def stop_token_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
-        if ids is None:
-            ids = self.text_config.eos_token_id
-        ids = ids if isinstance(ids, (list, tuple)) else [ids]
-        return [int(i) for i in ids if i is not None]
 
     def preprocessing(self) -> dict[str, Any]:
         ip = self.processor.image_processor
