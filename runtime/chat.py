@@ -38,8 +38,9 @@ def _compiled(template: str):
     return _env().from_string(template)
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render(template: str, messages: list[dict], add_generation_prompt: bool = True, variables: dict | None = None) -> str:
+    """``variables``: the tokenizer's special tokens (``bos_token``, ...) that transformers passes to templates."""
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return _compiled(template).render(**(variables or {}), messages=messages, add_generation_prompt=add_generation_prompt)
     except TemplateError as exc:
         raise InputError(f"chat template failed: {exc}") from exc

@@ -9,8 +9,10 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt, about image(s) or text only, with an exported bundle.")
-    p.add_argument("inputs", nargs="+", metavar="[IMAGE ...] PROMPT", help="image files (none for a text-only prompt), then the prompt")
+    p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt, about image(s), a video or text only, with an exported bundle.")
+    p.add_argument("inputs", nargs="+", metavar="[IMAGE|VIDEO ...] PROMPT",
+                   help="image files, or video files (.mp4, .mov, .mkv, ...: models that take videos, e.g. SmolVLM2; "
+                        "needs pip install av num2words), none for a text-only prompt; then the prompt")
     p.add_argument("--bundle", type=Path, help="bundle folder (default: the most recent bundle in the store)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=128)

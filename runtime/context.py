@@ -78,9 +78,10 @@ class Context:
             raise InputError(f"the prompt is {n} tokens (images included); the model's context is "
                              f"{self.pipe.max_positions}: shorten it, use fewer/smaller images or start a new session")
         c = min(self.common_prefix(ids), n - 1)  # at least one position runs: its logits are the answer's start
+        c = self.pipe.image_block_start(ids, c)  # an image block that sees itself whole is computed whole
         self.truncate(c)
         embeds = prompt_embeds[:, c:] if prompt_embeds is not None else self.embeds_for(ids, c)[None]
-        out = self.pipe.step(self.dec, embeds)
+        out = self.pipe.step(self.dec, embeds, ids[c:])
         self.ids[c:n] = ids[c:]
         self.hidden[c:n] = out["hidden_states"][0]
         if "attention_received" in out:

@@ -19,7 +19,8 @@ from .errors import InputError
 from .decoder import DecoderRunner, make_decoder
 from .preprocess import as_image, make_preprocessor
 from .sampling import SamplingConfig, choose
-from .tree import TreeSpec, causal_mask
+from .tree import TreeSpec, causal_mask, image_block_mask
+from .video import Video, is_video_path
 
 
 @dataclass
@@ -92,6 +93,10 @@ class Pipeline:
         self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
+        self.embed_scale = np.float32(self.text.get("embed_scale", 1.0))
+        self.image_attention = self.text.get("image_attention", "causal")
+        if self.image_attention not in ("causal", "bidirectional"):
+            raise InputError(f"manifest text.image_attention {self.image_attention!r}: expected causal or bidirectional")
         if context is not None:  # a shorter context preallocates less K/V (runtime/budget.py: Jetson budgets)
             if not 2 <= int(context) <= self.max_positions:
                 raise InputError(f"context {context}: expected 2..{self.max_positions} positions (the model's maximum)")
@@ -143,7 +148,18 @@ class Pipeline:
 
     # --- inputs -----------------------------------------------------------------------------------
     def prompt_text(self, num_images: int, prompt: str) -> str:
-        return render(self.bundle.manifest["chat_template"], user_turn(num_images, prompt))
+        return self.render(user_turn(num_images, prompt))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The model's chat template over ``messages``, with the special tokens transformers passes to it (for a
+        conversation with a video, the template transformers' processor uses for videos when the family has one)."""
+        m = self.bundle.manifest
+        template = m["chat_template"]
+        has_video = any(isinstance(c, dict) and c.get("type") == "video"
+                        for msg in messages if isinstance(msg.get("content"), list) for c in msg["content"])
+        if has_video:
+            template = (m["preprocessing"].get("video") or {}).get("chat_template") or template
+        return render(template, messages, add_generation_prompt, m.get("chat_template_vars"))
 
     def prepare(self, images, prompt: str, bgr: bool = False, image_splitting: bool | None = None,
                 longest_edge: int | None = None) -> Prepared:
@@ -156,12 +172,18 @@ class Pipeline:
         """A conversation (``messages``: role + content, content a string or a list of ``{"type": "text", "text"}``
         / ``{"type": "image", "image": path | PIL image | numpy frame}`` parts) -> token ids and image tiles."""
         shown, images = normalize_messages(messages)
-        text = render(self.bundle.manifest["chat_template"], shown, add_generation_prompt)
+        text = self.render(shown, add_generation_prompt)
         return self._encode(text, images, bgr, image_splitting, longest_edge)
 
     def _encode(self, text: str, images: list, bgr: bool, image_splitting, longest_edge, check: bool = True) -> Prepared:
-        pil_images = [as_image(im, i, bgr) for i, im in enumerate(images)]
-        processed = [self.pre.image(im, image_splitting, longest_edge) for im in pil_images]
+        processed = []
+        for i, im in enumerate(images):
+            if isinstance(im, Video):
+                if not hasattr(self.pre, "video"):
+                    raise InputError(f"{im.path}: this model takes images, not videos")
+                processed.append(self.pre.video(im.path))
+            else:
+                processed.append(self.pre.image(as_image(im, i, bgr), image_splitting, longest_edge))
         text = self.pre.expand_prompt(text, processed)
         add_special = bool(self.bundle.manifest["preprocessing"].get("add_special_tokens", True))
         ids = np.array(self.tokenizer.encode(text, add_special_tokens=add_special).ids, dtype=np.int64)
@@ -173,7 +195,8 @@ class Pipeline:
         return Prepared(ids, [p.tiles for p in processed], processed)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.embeddings[ids], dtype=np.float32)
+        rows = np.asarray(self.embeddings[ids], dtype=np.float32)
+        return rows * self.embed_scale if self.embed_scale != 1 else rows
 
     def vision(self, tiles: list[np.ndarray], images: list | None = None) -> np.ndarray | None:
         """[n_image_tokens, H]: the embeddings the image tokens stand for, in prompt order (None without images).
@@ -211,13 +234,26 @@ class Pipeline:
         slack = (self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])).total_tokens if self.has_drafter else 0
         return Context(self, slack)
 
-    def step(self, dec: DecoderRunner, embeds: np.ndarray) -> dict:
-        """Causal call over Q new positions, all kept."""
+    def step(self, dec: DecoderRunner, embeds: np.ndarray, ids: np.ndarray | None = None) -> dict:
+        """Causal call over Q new positions, all kept. ``ids`` (the Q token ids) let a family whose image tokens
+        attend to each other (``image_attention == "bidirectional"``, Gemma 3) open each image's block."""
         q = embeds.shape[1]
         p = dec.length
-        out = dec.run(embeds, causal_mask(q, p, self.mask_min), np.arange(p, p + q))
+        mask = causal_mask(q, p, self.mask_min)
+        if ids is not None and self.image_attention == "bidirectional" and q > 1:
+            mask = image_block_mask(mask, ids == self.image_token_id, p)
+        out = dec.run(embeds, mask, np.arange(p, p + q))
         dec.commit()
         return out
+
+    def image_block_start(self, ids: np.ndarray, c: int) -> int:
+        """Where a prefill from position ``c`` must start so no image block is split (bidirectional families:
+        the block's first rows must see its last ones); ``c`` for causal families."""
+        if self.image_attention != "bidirectional":
+            return c
+        while 0 < c < len(ids) and ids[c] == self.image_token_id and ids[c - 1] == self.image_token_id:
+            c -= 1
+        return c
 
     # --- generation -------------------------------------------------------------------------------
     def generate(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -378,7 +414,7 @@ class Session:
             self.ctx = pipe.new_context()
             sentinel = "\x00dream-export-question\x00"
             shown, images = normalize_messages(self._messages(sentinel))
-            text = render(pipe.bundle.manifest["chat_template"], shown, add_generation_prompt=False)
+            text = pipe.render(shown, add_generation_prompt=False)
             if text.count(sentinel) != 1:
                 raise InputError("the chat template does not render the question verbatim; sessions need it to")
             prep = pipe._encode(text.split(sentinel)[0], images, False, *self._vision)
@@ -422,7 +458,7 @@ class Session:
             try:
                 t0 = time.perf_counter()
                 shown, images = normalize_messages(self._messages(prompt))
-                text = render(pipe.bundle.manifest["chat_template"], shown)
+                text = pipe.render(shown)
                 ids = pipe._encode(text, images, False, *self._vision, check=False).input_ids
                 if len(ids) >= pipe.max_positions:
                     raise InputError(f"the conversation is {len(ids)} tokens with this question; the context is "
@@ -489,10 +525,12 @@ def _last(events):
 
 
 def user_message(images, prompt: str) -> list[dict]:
-    """One user turn as a message list: the images first, then the text (SmolVLM's layout)."""
+    """One user turn as a message list: the images (and video files, by their suffix) first, then the text
+    (SmolVLM's layout)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
-    parts = [{"type": "image", "image": im} for im in _image_list(images)]
+    parts = [{"type": "video", "video": im} if is_video_path(im) else {"type": "image", "image": im}
+             for im in _image_list(images)]
     return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
 
 
@@ -518,9 +556,13 @@ def normalize_messages(messages) -> tuple[list[dict], list]:
             elif kind == "image" and part.get("image") is not None:
                 parts.append({"type": "image"})
                 images.append(part["image"])
+            elif kind == "video" and isinstance(part.get("video"), (str, Path)):
+                parts.append({"type": "video"})
+                images.append(Video(Path(part["video"])))
             else:
-                raise InputError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}} or "
-                                 f"{{'type': 'image', 'image': path | PIL image | numpy array}}")
+                raise InputError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}, "
+                                 f"{{'type': 'image', 'image': path | PIL image | numpy array}} or "
+                                 f"{{'type': 'video', 'video': path}}")
         shown.append({"role": m["role"], "content": parts})
     return shown, images
 

@@ -118,6 +118,19 @@ def _multiple_of_tile(h: int, w: int, tile: int) -> tuple[int, int]:
     return h, w
 
 
+def _video_frame_size(h: int, w: int, longest: int) -> tuple[int, int]:
+    """A frame's size after the aspect-kept resize of its longest edge (transformers' SmolVLM video rule: the
+    other edge truncated, then rounded up to even)."""
+    longest = min(MAX_IMAGE_SIZE, longest)
+    if w >= h:
+        nw, nh = longest, int(longest / (w / h))
+        nh += nh % 2
+    else:
+        nh, nw = longest, int(longest * (w / h))
+        nw += nw % 2
+    return max(nh, 1), max(nw, 1)
+
+
 def _resize(img: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
     """HWC uint8 -> HWC uint8 through PIL, as transformers' PIL backend resizes."""
     return np.array(Image.fromarray(img).resize((w, h), resample=resample))
@@ -125,10 +138,11 @@ def _resize(img: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
 
 @dataclass
 class ProcessedImage:
-    tiles: np.ndarray   # [T,3,S,S] float32, row-major tiles then the global image
+    tiles: np.ndarray   # [T,3,S,S] float32, row-major tiles then the global image (a video: one tile per frame)
     rows: int
     cols: int
     size: tuple | None = None  # (height, width) of the image as read, for families whose packing needs it
+    text: str | None = None    # the prompt text that stands for it, when not the family's image text (a video)
 
 
 class Idefics3Preprocessor:
@@ -182,8 +196,8 @@ class Idefics3Preprocessor:
             frames.append(_resize(arr, tile, tile, resample))
         return frames, rows, cols
 
-    def _normalize(self, frame: np.ndarray) -> np.ndarray:
-        c = self.cfg
+    def _normalize(self, frame: np.ndarray, c: dict | None = None) -> np.ndarray:
+        c = c or self.cfg
         x = frame.transpose(2, 0, 1)  # CHW
         if c["do_rescale"]:
             x = (x.astype(np.float64) * c["rescale_factor"]).astype(np.float32)
@@ -210,16 +224,50 @@ class Idefics3Preprocessor:
         return text + f"\n{fake}{glob}{seq}{fake}"
 
     def expand_prompt(self, prompt_text: str, images: list[ProcessedImage]) -> str:
-        token = self.cfg["image_token"]
-        parts = prompt_text.split(token)
-        if len(parts) - 1 != len(images):
-            raise InputError(
-                f"the prompt holds {len(parts) - 1} {token} placeholders but {len(images)} images were given"
-            )
-        out = parts[0]
-        for img, rest in zip(images, parts[1:]):
-            out += self.image_text(img) + rest
+        """Replace each placeholder the chat template wrote (one per image; ``<video>`` per video) by the text
+        that stands for that image or video, in order."""
+        import re
+
+        token = self.cfg.get("image_placeholder") or self.cfg["image_token"]  # what the chat template writes per image
+        video_token = (self.cfg.get("video") or {}).get("video_token")
+        marks = [token] + ([video_token] if video_token else [])
+        found = re.findall("|".join(re.escape(m) for m in marks), prompt_text)
+        want = ["video" if img.text is not None else "image" for img in images]
+        have = ["video" if m == video_token else "image" for m in found]
+        if have != want:
+            raise InputError(f"the prompt holds placeholders for {have.count('image')} image(s) and {have.count('video')} "
+                             f"video(s) in the order {have}, but {want} were given")
+        pieces = re.split("|".join(re.escape(m) for m in marks), prompt_text)
+        out = pieces[0]
+        for img, rest in zip(images, pieces[1:]):
+            out += (img.text if img.text is not None else self.image_text(img)) + rest
         return out
+
+    def video(self, path) -> ProcessedImage:
+        """A video file -> one tile per sampled frame, and the prompt text announcing the frames (SmolVLM2: frame
+        count in words, duration, each frame's timestamp before its image tokens), as transformers' SmolVLM video
+        processor and processor make them. Frames are resized with PIL (the runtime is torch-free); transformers
+        resizes them with torchvision, which differs by at most a few levels (README, "Model families")."""
+        from datetime import timedelta
+
+        from .video import number_words, read_video
+
+        v = self.cfg.get("video")
+        if not v:
+            raise InputError(f"{path}: this model takes images, not videos")
+        sampled = read_video(path, float(v["fps"]), int(v["max_frames"]), float(v.get("skip_secs", 1.0)))
+        tiles = []
+        tile = int(v["max_image_size"])
+        for frame in sampled.frames:
+            h, w = _video_frame_size(*frame.shape[:2], int(v["longest_edge"]))
+            arr = _resize(frame, h, w, int(v["resample"]))
+            tiles.append(self._normalize(_resize(arr, tile, tile, int(v["resample"])), v))
+        text = v["intro"].format(frame_count=number_words(len(tiles)),
+                                 video_duration=str(timedelta(seconds=int(sampled.duration))))
+        single = self.image_text(ProcessedImage(np.zeros(0), 0, 0))
+        for t in sampled.timestamps:
+            text += v["frame_message"].format(timestamp=f"{int(t // 60):02d}:{int(t % 60):02d}") + single
+        return ProcessedImage(np.stack(tiles), 0, 0, size=tuple(sampled.frames.shape[1:3]), text=text + v["outro"])
 
 
 class ClipPreprocessor(Idefics3Preprocessor):
@@ -254,7 +302,10 @@ class ClipPreprocessor(Idefics3Preprocessor):
         return [arr], 0, 0
 
     def image_text(self, img: ProcessedImage) -> str:
-        return self.cfg["image_token"] * int(self.cfg["image_seq_len"])
+        """``image_seq_len`` image tokens, between the family's ``image_prefix`` / ``image_suffix`` text (Gemma 3:
+        "\\n\\n<start_of_image>" ... "<end_of_image>\\n\\n"; none for LLaVA)."""
+        c = self.cfg
+        return c.get("image_prefix", "") + c["image_token"] * int(c["image_seq_len"]) + c.get("image_suffix", "")
 
 
 def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:

@@ -64,6 +64,19 @@ def causal_mask(q_len: int, past_len: int, mask_min: float) -> np.ndarray:
     return tree_mask(np.arange(q_len) - 1, past_len, mask_min)
 
 
+def image_block_mask(mask: np.ndarray, is_image: np.ndarray, past_len: int) -> np.ndarray:
+    """Open ``mask`` ([1,1,Q,P+Q], the Q new positions' causal mask) so that every image token sees every image
+    token of its own block (a run of consecutive image tokens), later ones included, as transformers' Gemma 3
+    masks the prompt (``token_type_ids``): text stays causal, and one image never sees a later image."""
+    is_image = np.asarray(is_image, bool)
+    run = np.cumsum(np.concatenate([[is_image[0]], is_image[1:] & ~is_image[:-1]]))  # block number of each token
+    block = np.where(is_image, run, 0)
+    same = (block[:, None] == block[None, :]) & is_image[:, None]
+    out = mask.copy()
+    out[0, 0, :, past_len:][same] = 0.0
+    return out
+
+
 def random_tree(n: int, rng: np.random.Generator) -> np.ndarray:
     """A random tree with nodes in parent-before-child order (for validation and tests)."""
     parents = np.full(n, -1, dtype=np.int64)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,15 @@ def hf_model(model_dir: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    return model, AutoProcessor.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    ip = getattr(processor, "image_processor", None)
+    if ip is not None and not type(ip).__name__.endswith("Pil"):
+        # torchvision is installed (the export-tv environment), so transformers picked its torchvision image
+        # backend; the runtime reproduces the PIL one exactly (docs/processor_backends.json: how far the other is)
+        from transformers import AutoImageProcessor
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    return model, processor
 
 
 def hf_inputs(model_dir: str, paths: list[Path], prompt: str):

@@ -36,14 +36,46 @@ def _llava_next(layout):
     return lambda folder: build_tiny_llava_next(folder, spec)
 
 
+def _gemma3(layout):
+    from dream_export.presets.tiny_gemma3 import TinyGemma3Spec, build_tiny_gemma3
+
+    spec = {"window24": TinyGemma3Spec(),  # sliding, sliding, global, sliding; a 24-position window; 4 tokens per image
+            "softcap_w16": TinyGemma3Spec(sliding_window=16, text_layers=3, kv_heads=4, final_logit_softcapping=5.0,
+                                          layer_types=("full_attention", "sliding_attention", "sliding_attention"),
+                                          image_size=64, patch=8, tokens_per_image=16, seed=1)}[layout]
+    return lambda folder: build_tiny_gemma3(folder, spec)
+
+
+def _smolvlm2(layout):
+    from dream_export.presets.tiny_smolvlm2 import TinySmolVLM2Spec, build_tiny_smolvlm2
+
+    spec = {"split": TinySmolVLM2Spec(),  # 32-px tiles, 8-px patches, pixel shuffle x2; videos at 1 fps, <= 6 frames
+            "nosplit_x3": TinySmolVLM2Spec(image_splitting=False, tile=48, patch=8, scale_factor=3, longest_edge=96,
+                                           text_layers=3, kv_heads=4, video_fps=2.0, video_max_frames=4,
+                                           video_longest_edge=96, seed=1)}[layout]
+    return lambda folder: build_tiny_smolvlm2(folder, spec)
+
+
 # family -> {layout: builder(folder) -> model folder}; a registered family without an entry fails a test below
 TEST_MODELS = {
     "llava": {"clip336like": _llava("clip336like"), "full_cls": _llava("full_cls")},
     "llava_next": {"anyres": _llava_next("anyres"), "anyres_p8": _llava_next("anyres_p8")},
+    "gemma3": {"window24": _gemma3("window24"), "softcap_w16": _gemma3("softcap_w16")},
+    "smolvlm2": {"split": _smolvlm2("split"), "nosplit_x3": _smolvlm2("nosplit_x3")},
     "idefics3": {},  # SmolVLM: tests/conftest.py's zoo (CONFIGS) and the built-in smolvlm-tiny
 }
-LAYOUTS = [(f, layout) for f, layouts in TEST_MODELS.items() for layout in layouts]
-FIRST = [(f, next(iter(layouts))) for f, layouts in TEST_MODELS.items() if layouts]
+# families whose transformers processor cannot be built without torchvision (a video processor is required): their
+# tests run in the export-tv environment (tests/run_all.sh: pytest -m torchvision)
+NEEDS_TORCHVISION = {"smolvlm2"}
+
+
+def _params(pairs):
+    return [pytest.param(f, layout, marks=pytest.mark.torchvision) if f in NEEDS_TORCHVISION else (f, layout)
+            for f, layout in pairs]
+
+
+LAYOUTS = _params([(f, layout) for f, layouts in TEST_MODELS.items() for layout in layouts])
+FIRST = _params([(f, next(iter(layouts))) for f, layouts in TEST_MODELS.items() if layouts])
 
 
 class Families:
@@ -139,7 +171,9 @@ def test_pixels_and_prompt_ids_equal_the_hf_processor(families, images, family, 
         enc = hf_inputs(str(model_dir), paths, "Describe the image.")
         assert np.array_equal(prep.input_ids, enc["input_ids"][0].numpy()), names
         pixels = enc["pixel_values"].numpy()
-        if pixels.ndim == 5:  # [images, patches (padded to the most), 3, S, S]
+        if pixels.ndim == 5 and pixels.shape[:2] == (1, sum(len(t) for t in prep.tiles)):
+            pixels = pixels[0]  # SmolVLM: [batch, every tile of every image, 3, S, S]
+        elif pixels.ndim == 5:  # LLaVA-NeXT: [images, patches (padded to the most), 3, S, S]
             pixels = np.concatenate([p[:len(t)] for p, t in zip(pixels, prep.tiles)])
         np.testing.assert_array_equal(np.concatenate(prep.tiles), pixels)
 
@@ -155,6 +189,10 @@ def test_speculative_equals_plain(families, images, family, layout, drafter, tre
         plain = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=False)
         spec = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=True)
         assert spec.token_ids == plain.token_ids, names
+    if family == "smolvlm2":  # and on short generated videos
+        for video in _videos(families.root).values():
+            plain = pipe.generate([video], PROMPTS[1], max_new_tokens=MAX_NEW, speculative=False)
+            assert pipe.generate([video], PROMPTS[1], max_new_tokens=MAX_NEW, speculative=True).token_ids == plain.token_ids
     fused = Pipeline.from_bundle(bundle, fused="device")  # the GPU path's decoder, on host memory
     assert fused.generate([images["coffee"]], PROMPTS[1], max_new_tokens=MAX_NEW, speculative=True).token_ids == \
         pipe.generate([images["coffee"]], PROMPTS[1], max_new_tokens=MAX_NEW, speculative=False).token_ids
@@ -166,6 +204,8 @@ def test_text_only_and_unsupported_options(families, images, capsys, family, lay
     got = run_cli_json(capsys, ["Tell me a story.", "--bundle", str(bundle), "--max-new-tokens", "12", "--json"])["token_ids"]
     assert got == hf_generate(str(model_dir), [], "Tell me a story.", 12)
     capsys.readouterr()
+    if json.loads((bundle / "manifest.json").read_text())["preprocessing"]["kind"] == "idefics3":
+        return  # SmolVLM's image options are supported (tests/test_inputs.py)
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--image-splitting"]) == 2
     err = capsys.readouterr().err
     assert "no splitting" in err and err.count("\n") == 1
@@ -209,3 +249,164 @@ def test_a_drafter_in_the_released_dream_layout(families, images, tmp_path, fami
         spec = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=True)
         assert spec.token_ids == pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=False).token_ids
         assert spec.accept_lengths
+
+
+@pytest.mark.parametrize("layout", list(TEST_MODELS["gemma3"]))
+def test_gemma3_rules_are_exercised(families, images, layout):
+    """The Gemma 3 test models are ones where the sliding window, the image blocks' bidirectional attention and the
+    embedding scale change the answers, so the equality tests above could fail if any rule were dropped."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from helpers import hf_inputs, hf_model
+
+    model_dir, bundle = families.get("gemma3", layout)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["text"]["image_attention"] == "bidirectional" and manifest["text"]["embed_scale"] == 8.0
+    assert any(manifest["text"]["attention_windows"]) and None in manifest["text"]["attention_windows"]
+    assert "decoder_ort_cpu" not in manifest["graphs"]  # GroupQueryAttention is causal-only: no image blocks
+    pairs = [(names, PROMPTS[i]) for names, i in PAIRS[:8]]
+    # image tokens see their whole block: a causal prompt mask answers differently on some pair
+    pipe = Pipeline.from_bundle(bundle)
+    causal = Pipeline.from_bundle(bundle)
+    causal.image_attention = "causal"
+    assert any(pipe.generate([images[n] for n in names], prompt, max_new_tokens=MAX_NEW).token_ids
+               != causal.generate([images[n] for n in names], prompt, max_new_tokens=MAX_NEW).token_ids
+               for names, prompt in pairs)
+    # the window: the same model without it (transformers' own generate) answers differently on some pair
+    model, _ = hf_model(str(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    config.text_config.sliding_window = 4096
+    wide = AutoModelForImageTextToText.from_pretrained(model_dir, config=config).eval()
+    differs = False
+    for names, prompt in pairs:
+        enc = hf_inputs(str(model_dir), [images[n] for n in names], prompt)
+        with torch.no_grad():
+            a = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)
+            b = wide.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False)
+        differs |= not torch.equal(a, b)
+    assert differs
+    # the embedding scale: the runtime's rows are sqrt(hidden) x the stored matrix, as the model's embedding layer
+    ids = np.array([3, 5, 8])
+    with torch.no_grad():
+        want = model.get_input_embeddings()(torch.tensor(ids)).numpy()
+    np.testing.assert_array_equal(pipe.embed(ids), want)
+
+
+def _videos(root: Path) -> dict[str, Path]:
+    """Two short generated MP4s (PyAV): a 5 s pan over a photo at 8 fps, and a 12 s scene sequence at 4 fps long
+    enough for the sampler to skip a second at each end."""
+    import av
+    import skimage.data
+
+    from dream_export.scenes import random_scene
+
+    out = {"pan": root / "videos" / "pan.mp4", "scenes": root / "videos" / "scenes.mp4"}
+    if all(p.is_file() for p in out.values()):
+        return out
+    out["pan"].parent.mkdir(parents=True, exist_ok=True)
+    photo = skimage.data.astronaut()
+    rng = np.random.default_rng(11)
+    scenes = [np.array(random_scene(rng, min_side=120, max_side=200).render().convert("RGB").resize((176, 112)))
+              for _ in range(6)]
+    for name, fps, frames in (("pan", 8, [photo[i * 5:i * 5 + 96, i * 4:i * 4 + 160] for i in range(40)]),
+                              ("scenes", 4, [scenes[i // 8] for i in range(48)])):
+        with av.open(str(out[name]), "w") as c:
+            stream = c.add_stream("mpeg4", rate=fps)
+            stream.height, stream.width = frames[0].shape[:2]
+            stream.pix_fmt = "yuv420p"
+            for f in frames:
+                for pkt in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    c.mux(pkt)
+            for pkt in stream.encode():
+                c.mux(pkt)
+    return out
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("layout", list(TEST_MODELS["smolvlm2"]))
+def test_smolvlm2_video_matches_transformers(families, capsys, layout):
+    """A video through dream-run: the prompt (frame count in words, duration, per-frame timestamps, image tokens)
+    == transformers' SmolVLM processor's ids; frames within a few 8-bit levels of its torchvision-resized frames (the
+    runtime resizes with PIL); greedy ids == transformers ``generate`` given the same frames."""
+    import torch
+    from transformers.video_utils import load_video
+
+    from helpers import hf_model
+
+    model_dir, bundle = families.get("smolvlm2", layout)
+    model, processor = hf_model(str(model_dir))
+    pipe = Pipeline.from_bundle(bundle)
+    for name, path in _videos(families.root).items():
+        prompt = "What happens in the video?"
+        frames, meta = load_video(str(path), backend="pyav")
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+        enc = processor(text=processor.apply_chat_template(messages, add_generation_prompt=True), videos=[frames],
+                        video_metadata=[meta], return_tensors="pt")
+        prep = pipe.prepare([path], prompt)
+        assert np.array_equal(prep.input_ids, enc["input_ids"][0].numpy()), name
+        ours = np.concatenate(prep.tiles)
+        theirs = enc["pixel_values"][0].numpy()
+        assert ours.shape == theirs.shape, name
+        # two resizes, each rounded to 8 bits by PIL here and by torchvision there: a level or two apart at most
+        level = 2 / 255  # one 8-bit level after normalising with std 0.5
+        diff = np.abs(ours - theirs)
+        assert diff.max() <= 3 * level * 1.01 and diff.mean() <= 0.25 * level, (name, diff.max() / level)
+        got = run_cli_json(capsys, [str(path), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW),
+                                    "--json"])["token_ids"]
+        same_frames = {**enc, "pixel_values": torch.from_numpy(ours)[None]}
+        with torch.no_grad():
+            want = model.generate(**same_frames, max_new_tokens=MAX_NEW, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        assert got == want.tolist(), name
+
+
+def test_video_input_errors(zoo, capsys, tmp_path):
+    """A video for an image-only model: one clear line."""
+    _, bundle = zoo.get("gqa_nosplit")
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"not really a video")
+    capsys.readouterr()
+    assert cli.main([str(clip), "What happens?", "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "takes images, not videos" in err and err.count("\n") == 1
+
+
+@pytest.mark.torchvision
+def test_video_without_pyav_says_how_to_install(families, capsys, monkeypatch):
+    import sys
+
+    _, bundle = families.get("smolvlm2", "split")
+    video = _videos(families.root)["pan"]
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    assert cli.main([str(video), "What happens?", "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install av" in err and err.count("\n") == 1
+
+
+def test_a_torchvision_family_names_the_environment_it_needs(zoo, tmp_path, capsys):
+    """Here (no torchvision), exporting SmolVLM2 fails with one line naming the export-tv environment: its processor
+    cannot be built. The folder is a SmolVLM2 checkpoint's layout made from the zoo's SmolVLM one (same
+    architecture; the processor config gains SmolVLM2's video processor)."""
+    import importlib.util
+    import shutil
+
+    from dream_export.cli import main as export_main
+
+    assert importlib.util.find_spec("torchvision") is None  # the main environment (torchvision runs use .venv-tv)
+    model_dir, _ = zoo.get("gqa_nosplit")
+    folder = tmp_path / "smolvlm2"
+    shutil.copytree(model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="smolvlm", architectures=["SmolVLMForConditionalGeneration"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    proc = json.loads((folder / "processor_config.json").read_text())
+    proc["processor_class"] = "SmolVLMProcessor"
+    proc["image_processor"]["image_processor_type"] = "SmolVLMImageProcessor"
+    proc["video_processor"] = {"video_processor_type": "SmolVLMVideoProcessor", "do_sample_frames": True,
+                               "video_sampling": {"fps": 1.0, "max_frames": 4, "video_size": {"longest_edge": 64}}}
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    capsys.readouterr()
+    assert export_main(["--model", str(folder), "--out", str(tmp_path / "b"), "--no-drafter", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "torchvision" in err and "export-tv" in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "b").exists()

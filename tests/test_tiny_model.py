@@ -1,13 +1,10 @@
 """The built-in smolvlm-tiny: shipped weights load offline, the bundle answers like transformers, it sees,
 and its shipped DREAM drafter decodes losslessly with a real acceptance length."""
 
-import os
-
 import numpy as np
-import pytest
 from PIL import Image
 
-from dream_export.scenes import COLORS, QA, Scene, Shape, grade, qa_pairs, random_scene, scene_examples
+from dream_export.scenes import COLORS, Scene, grade, qa_pairs, random_scene, scene_examples
 
 EVAL_SEED = 10_000_000  # never used in training (training seeds are below 10,000,000)
 

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..export.graphs import _PlainKV
@@ -87,6 +86,8 @@ class DrafterConfig:
 
 def _rope_theta(text_config) -> float:
     rp = getattr(text_config, "rope_parameters", None) or {}
+    if isinstance(rp.get("full_attention"), dict):  # one set per layer type (Gemma 3): the global layers' base
+        rp = rp["full_attention"]
     return float(rp.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
 
 

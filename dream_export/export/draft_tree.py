@@ -35,13 +35,15 @@ def num_candidates(depth: int, top_k: int) -> int:
 
 
 class DraftTreeGraph(nn.Module):
-    def __init__(self, drafter: nn.Module, embed_weight: torch.Tensor, depth: int, top_k: int, mask_min: float):
+    def __init__(self, drafter: nn.Module, embed_weight: torch.Tensor, depth: int, top_k: int, mask_min: float,
+                 embed_scale: float = 1.0):
         super().__init__()
         if depth < 1 or top_k < 1:
             raise ValueError(f"draft tree needs depth >= 1 and top_k >= 1, got {depth}, {top_k}")
         self.drafter = drafter
         self.depth, self.k = depth, top_k
         self.mask_min = float(mask_min)
+        self.embed_scale = float(embed_scale)  # the target's embedding factor (Gemma: sqrt(hidden)); 1 for most
         self.register_buffer("embed", embed_weight.detach().float().clone(), persistent=False)
         d2t = drafter.config.draft_vocab
         self.register_buffer("d2t", torch.tensor(d2t, dtype=torch.int64) if d2t else torch.zeros(0, dtype=torch.int64),
@@ -73,6 +75,8 @@ class DraftTreeGraph(nn.Module):
         ones = torch.ones(k, 1, dtype=torch.bool)
         for d in range(2, depth + 1):
             emb = self.embed[f_tok][None]                                   # [1,K,H]
+            if self.embed_scale != 1.0:
+                emb = emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
             pos = (root_pos + (d - 1)).expand(1, k)
             self_allowed = torch.cat([ones.expand(k, s0), anc], dim=1)
             # memory: committed rows, the root's feature (row m0), then levels 1..d-2 frontier features

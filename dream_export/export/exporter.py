@@ -70,8 +70,15 @@ def load_target(source: str):
     from ..registry import load_pretrained
 
     config = load_pretrained(source, AutoConfig)
+    try:
+        processor = load_pretrained(source, AutoProcessor)
+    except ImportError as exc:  # e.g. a video processor, which transformers builds only with torchvision
+        missing = " ".join(str(exc).split())[:200]
+        raise DreamExportError(
+            f"{source}: transformers cannot build this model's processor here ({missing}). SmolVLM2, Qwen2.5-VL and "
+            f"Pixtral processors need torchvision, which does not import beside the CPU torch 2.13.0: export from the "
+            f"export-tv environment (python3 -m venv .venv-tv && .venv-tv/bin/pip install -e '.[export-tv]')") from exc
     model = load_pretrained(source, AutoModelForImageTextToText, config=config, dtype=torch.float32)
-    processor = load_pretrained(source, AutoProcessor)
     return model.eval(), processor
 
 
@@ -114,7 +121,9 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     pre = adapter.preprocessing()
     v_spec = vision_spec(*adapter.vision_input_shape()[:2], pre["image_seq_len"], hidden)
     d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
-    f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab) if opts.fused_cpu_graph else None
+    fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph()
+    f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab) if fused_ok else None
+    embed_scale = adapter.embed_scale()
 
     emb = adapter.embed_tokens().weight.detach().float().numpy()
     sample = adapter.validation_sample()
@@ -129,15 +138,15 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         with stages.stage("check vision.onnx against PyTorch"):
             checks += validate_vision(vision, v_spec, tmp / v_spec.file, opts.seed)
         with stages.stage(f"text decoder ({num_layers} layers) → decoder.onnx"):
-            decoder = DecoderGraph(adapter).eval()
+            decoder = DecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
             args = _decoder_dummy(d_spec, past_len=3, q_len=2)
             export_graph(decoder, d_spec, args, tmp / d_spec.file)
         with stages.stage("check decoder.onnx against PyTorch (a real prompt, a step, a 16-token tree of real tokens)"):
-            cases = decoder_cases(d_spec, emb, sample, tmp / d_spec.file, opts.seed)
+            cases = decoder_cases(d_spec, emb * np.float32(embed_scale), sample, tmp / d_spec.file, opts.seed)
             checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, cases)
         if f_spec is not None:
             with stages.stage("ORT-CPU decoder (fused GroupQueryAttention, in-place KV) → decoder_ort_cpu.onnx"):
-                fused = FusedDecoderGraph(adapter).eval()
+                fused = FusedDecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
                 args = _decoder_dummy(d_spec, past_len=3, q_len=2, capacity=8)
                 export_graph(fused, f_spec, args, tmp / f_spec.file)
             with stages.stage("check decoder_ort_cpu.onnx against the PyTorch decoder"):
@@ -181,6 +190,9 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                     "max_positions": int(tcfg.max_position_embeddings),
                     "num_heads": int(tcfg.num_attention_heads),
                     "intermediate_size": int(getattr(tcfg, "intermediate_size", 0) or 4 * hidden),
+                    "embed_scale": embed_scale,                      # token rows are multiplied by it
+                    "attention_windows": adapter.attention_windows(),  # applied inside the decoder graph
+                    "image_attention": adapter.image_attention(),      # the runtime's prompt mask rule
                 },
                 "graphs": graphs,
                 "embeddings": placed["embed_tokens"],
@@ -188,6 +200,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 "tokenizer": {"file": "tokenizer.json"},
                 "preprocessing": pre,
                 "chat_template": adapter.chat_template(),
+                "chat_template_vars": adapter.chat_template_vars(),
                 "special_tokens": {"stop_token_ids": adapter.stop_token_ids(), "image_token_id": adapter.image_token_id},
                 "precision": opts.precision,
                 "tree": (opts.tree or TreeSpec()).to_json() if drafter_info else None,
@@ -295,7 +308,7 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         checks = validate_drafter(DrafterGraph(drafter).eval(), cfg, spec, tmp / spec.file, opts.seed)
     graph_precision = draft_float(opts)
     t_specs, t_checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, spec, tree, tmp, stages, opts.seed,
-                                           opts.draft_precision, graph_precision)
+                                           opts.draft_precision, graph_precision, adapter.embed_scale())
     if graph_precision == "fp16":
         from .drafter_export import drafter_cases
 
@@ -330,7 +343,7 @@ def draft_float(opts: ExportOptions) -> str:
 
 
 def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, folder: Path, stages, seed: int,
-                       precision: str = "fp32", graph_precision: str = "fp32"):
+                       precision: str = "fp32", graph_precision: str = "fp32", embed_scale: float = 1.0):
     """The one-call draft graph (checked against the HF-module drafter; FP16 when ``graph_precision`` says so, then
     checked against its FP32 graph) and, for int8/int4, its ORT-CPU quantized twin (checked against the float
     graph). Returns ([specs], checks)."""
@@ -344,8 +357,8 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
         raise DreamExportError(f"draft precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     t_spec = draft_tree_spec(drafter_spec_, tree.depth, tree.top_k)
     mask_min = drafter_spec_.extra["mask_min"]
-    lean = DraftTreeGraph(LeanDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min).eval()
-    reference = DraftTreeGraph(drafter, embed_weight, tree.depth, tree.top_k, mask_min).eval()
+    lean = DraftTreeGraph(LeanDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min, embed_scale).eval()
+    reference = DraftTreeGraph(drafter, embed_weight, tree.depth, tree.top_k, mask_min, embed_scale).eval()
     with stages.stage(f"draft step in one graph (catch-up + depth {tree.depth}, top-{tree.top_k} tree) → {t_spec.file}"):
         export_graph(lean, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
     with stages.stage(f"check {t_spec.file} against the PyTorch drafter (prompt catch-up, step catch-up)"):
@@ -393,7 +406,7 @@ def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: 
     replaced = []  # (new file, old file)
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".draft-tree-") as tmp:
         specs, checks = _export_draft_tree(drafter, adapter.embed_tokens().weight, base, tree, Path(tmp), stages, 0, precision,
-                                           graph_precision)
+                                           graph_precision, adapter.embed_scale())
         raise_on_mismatch(checks)
         stores = _draft_tree_stores(bundle_dir, manifest, Path(tmp), specs)
         entries = {}

@@ -57,38 +57,39 @@ class _GQA(torch.autograd.Function):
 class FusedDecoderGraph(DecoderGraph):
     """Same I/O names as DecoderGraph; past/present are the shared max-length buffers.
 
-    Llama-style layers only (input norm, q/k/v/o projections with RoPE, post-attention norm, MLP): the
-    layer's own submodules are called in HF's order; the result is checked against the standard graph.
+    Each layer runs through ``adapter.fused_layer`` (the family's own submodules in HF's order, attention handed to
+    GroupQueryAttention with the layer's mask as its bias: a sliding-window layer gets its windowed mask); the result
+    is checked against the standard graph at every export.
     """
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         total_len = torch._shape_as_tensor(attention_mask)[3].to(torch.int32)  # P+Q, traced as a Shape op
         seqlens_k = (total_len - 1).reshape(1)
         hidden = inputs_embeds
         s = hidden.shape[1]
-        cos, sin = self.rotary(hidden, position_ids)
+        position_embeddings = self.adapter.layer_position_embeddings(hidden, position_ids)
+        masks = self.layer_masks(attention_mask, position_ids, attention_mask.shape[-1] - s)
         presents = []
+        last = {}
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(hidden)
-            hd = attn.head_dim
-            q = attn.q_proj(h).view(1, s, -1, hd).transpose(1, 2)
-            k = attn.k_proj(h).view(1, s, -1, hd).transpose(1, 2)
-            v = attn.v_proj(h)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             heads, kv_heads = int(attn.config.num_attention_heads), int(attn.config.num_key_value_heads)
-            out, pk, pv = _GQA.apply(
-                q.transpose(1, 2).reshape(1, s, heads * hd), k.transpose(1, 2).reshape(1, s, kv_heads * hd), v,
-                past[2 * i], past[2 * i + 1], seqlens_k, total_len, attention_mask, heads, kv_heads, float(attn.scaling),
-            )
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            presents += [pk, pv]
-        received = _attention_received(q, pk, attention_mask, heads // kv_heads, float(attn.scaling))
+
+            def attend(q, k, v, scale, i=i, heads=heads, kv_heads=kv_heads):
+                """q [1,H,s,hd], k [1,kvh,s,hd] (rotated), v [1,s,kvh*hd] -> [1,s,H*hd]; K/V written in place."""
+                hd = q.shape[-1]
+                out, pk, pv = _GQA.apply(
+                    q.transpose(1, 2).reshape(1, s, heads * hd), k.transpose(1, 2).reshape(1, s, kv_heads * hd), v,
+                    past[2 * i], past[2 * i + 1], seqlens_k, total_len, masks[i], heads, kv_heads, float(scale))
+                presents.extend([pk, pv])
+                last.update(q=q, pk=pk, groups=heads // kv_heads, scale=float(scale), mask=masks[i])
+                return out
+
+            hidden = self.adapter.fused_layer(layer, hidden, position_embeddings[i], attend)
+        received = _attention_received(last["q"], last["pk"], last["mask"], last["groups"], last["scale"])
         hidden = self.norm(hidden)
-        return (head_logits(self.lm_head, hidden), hidden, received, *presents)
+        logits = self.adapter.final_logits(head_logits(self.lm_head, hidden))
+        return (logits, hidden, received, *presents)
 
 
 def _attention_received(q, present_k, bias, groups: int, scale: float):

@@ -43,41 +43,61 @@ class DecoderGraph(nn.Module):
     transposed inside to the [1, kv_heads, positions, head_dim] HF attention uses: a runtime cache preallocated
     to the capacity then binds its first P positions as the past without a copy (``runtime/backends/device.py``)."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, mask_min: float = -1e4):
         super().__init__()
+        self.adapter = adapter  # a plain object (not a module): the family's rotary, window and logits rules
         self.layers = nn.ModuleList(adapter.decoder_layers())
         self.norm = adapter.final_norm()
         self.rotary = adapter.rotary_emb()
         self.lm_head = adapter.lm_head()
+        self.windows = adapter.attention_windows()
+        self.mask_min = float(mask_min)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         n = len(self.layers)
         cache = _PlainKV([k.transpose(1, 2) for k in past[0::2][:n]], [v.transpose(1, 2) for v in past[1::2][:n]])
         hidden = inputs_embeds
-        position_embeddings = self.rotary(hidden, position_ids)
+        position_embeddings = self.adapter.layer_position_embeddings(hidden, position_ids)
+        masks = self.layer_masks(attention_mask, position_ids, past[0].shape[1])
         seen = {}
         hook = self.layers[-1].self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("w", out[1]) or None)
         try:
-            hidden = self._layers(hidden, attention_mask, position_ids, cache, position_embeddings)
+            hidden = self._layers(hidden, masks, position_ids, cache, position_embeddings)
         finally:
             hook.remove()
         hidden = self.norm(hidden)
-        logits = head_logits(self.lm_head, hidden)
+        logits = self.adapter.final_logits(head_logits(self.lm_head, hidden))
         received = seen["w"].mean(dim=(1, 2))  # [1,P+Q]: last-layer attention each position receives
         presents = []
         for k, v in zip(cache.new_keys, cache.new_values):
             presents += [k.transpose(1, 2), v.transpose(1, 2)]
         return (logits, hidden, received, *presents)
 
-    def _layers(self, hidden, attention_mask, position_ids, cache, position_embeddings):
-        for layer in self.layers:
+    def layer_masks(self, attention_mask, position_ids, past_len):
+        """Per layer: the given mask, or for a sliding-window layer the given mask with every key at or beyond
+        ``window`` positions behind the query masked too. Positions, not cache rows, measure the distance: the
+        committed past holds positions 0..P-1 (padding rows of a bucketed past are masked by the runtime already)
+        and the new rows hold ``position_ids``, so a tree node's window is the one its path would have."""
+        if all(w is None for w in self.windows):
+            return [attention_mask] * len(self.layers)
+        q_pos = position_ids[0]
+        kv_pos = torch.cat([torch.arange(past_len, dtype=q_pos.dtype), q_pos])
+        distance = q_pos[:, None] - kv_pos[None, :]                        # [Q, P+Q]
+        by_window = {}
+        for w in set(self.windows) - {None}:
+            far = (distance >= w)[None, None]
+            by_window[w] = torch.where(far, torch.full_like(attention_mask, self.mask_min), attention_mask)
+        return [attention_mask if w is None else by_window[w] for w in self.windows]
+
+    def _layers(self, hidden, masks, position_ids, cache, position_embeddings):
+        for layer, mask, pe in zip(self.layers, masks, position_embeddings):
             hidden = layer(
                 hidden,
-                attention_mask=attention_mask,
+                attention_mask=mask,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                position_embeddings=position_embeddings,
+                position_embeddings=pe,
             )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return hidden

@@ -13,7 +13,7 @@ OPSET = 17
 # Standard-domain ops that TensorRT 8.6 and 10.x both parse (onnx-tensorrt operators.md); anything
 # outside this list or outside the default domain fails the export.
 TRT_PARSABLE = {
-    "Abs", "Add", "And", "ArgMax", "Cast", "Ceil", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "Div",
+    "Abs", "Add", "And", "ArgMax", "AveragePool", "Cast", "Ceil", "Concat", "Constant", "ConstantOfShape", "Conv", "Cos", "Div",
     "Einsum", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "Gemm", "Greater",
     "GreaterOrEqual", "Identity", "LayerNormalization", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "Min", "Mul",
     "Neg", "Not", "Or", "Pow", "Range", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape",

@@ -11,7 +11,7 @@ Deliberately not handled here: training (see ``dream_export.train_tiny``) and an
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # SmolVLM's own chat template (HuggingFaceTB/SmolVLM-*-Instruct): one line per turn, images inline.

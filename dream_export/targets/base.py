@@ -67,6 +67,61 @@ class TargetAdapter(ABC):
     def lm_head(self):
         return self.model.lm_head
 
+    # --- attention and logits rules (defaults: a Llama-style decoder) ---------------------------
+    def attention_windows(self) -> list[int | None]:
+        """Per decoder layer: its sliding window (a query at position q sees keys at positions > q - window) or
+        None for global attention; from ``layer_types`` / ``sliding_window`` as transformers' masks read them."""
+        cfg, n = self.text_config, len(self.decoder_layers())
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if types:
+            return [int(window) if t == "sliding_attention" and window else None for t in types[:n]]
+        if window and getattr(cfg, "use_sliding_window", True):
+            return [int(window)] * n
+        return [None] * n
+
+    def layer_position_embeddings(self, hidden, position_ids) -> list:
+        """Per decoder layer: the (cos, sin) its attention takes (one rotary embedding for all by default)."""
+        pe = self.rotary_emb()(hidden, position_ids)
+        return [pe] * len(self.decoder_layers())
+
+    def final_logits(self, logits):
+        """What the family does to the LM head's output (e.g. Gemma's tanh soft-cap); nothing by default."""
+        return logits
+
+    def embed_scale(self) -> float:
+        """The factor the family's embedding layer multiplies token rows by (Gemma: sqrt(hidden)); the bundle
+        stores the raw matrix (shared with a tied head) and the runtime and draft graphs apply the factor."""
+        emb = self.embed_tokens()
+        scale = getattr(emb, "embed_scale", None)
+        if scale is None:
+            return 1.0
+        return float(scale.to(emb.weight.dtype)) if hasattr(scale, "to") else float(scale)
+
+    def image_attention(self) -> str:
+        """``causal`` (default) or ``bidirectional``: image tokens of one image see each other in the prompt."""
+        return "causal"
+
+    def fused_cpu_graph(self) -> bool:
+        """Whether ``export/fused.py``'s GroupQueryAttention graph can run this family's layers (``fused_layer``);
+        the export checks it against the standard graph either way."""
+        return True
+
+    def fused_layer(self, layer, hidden, position_embeddings, attend):
+        """One decoder layer for the fused ORT-CPU graph: the layer's own submodules in transformers' order, with
+        ``attend(q, k, v, scale)`` (q/k rotated, [1,heads,s,hd]; v [1,s,kv_heads*hd]) in place of its attention
+        kernel. Llama-style layers (pre-norm attention and MLP) by default."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = layer.self_attn
+        h = layer.input_layernorm(hidden)
+        s, hd = h.shape[1], attn.head_dim
+        q = attn.q_proj(h).view(1, s, -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(1, s, -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        hidden = hidden + attn.o_proj(attend(q, k, attn.v_proj(h), attn.scaling))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
     def stop_token_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id
         if ids is None:
@@ -105,6 +160,11 @@ class TargetAdapter(ABC):
             raise DreamExportError("the processor has no chat_template; expected one for instruction-tuned models")
         return template
 
+    def chat_template_vars(self) -> dict:
+        """The special tokens transformers passes to chat templates (``bos_token``, ``eos_token``, ...)."""
+        tok = self.processor.tokenizer
+        return {k: v for k, v in (getattr(tok, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
+
     def validation_sample(self):
         """Real token ids for the decoder's export check: a chat-templated prompt and a continuation."""
         import numpy as np
@@ -115,7 +175,8 @@ class TargetAdapter(ABC):
 
         tok = self.processor.tokenizer
         add_special = bool(self.preprocessing().get("add_special_tokens", True))
-        prompt = tok(render(self.chat_template(), user_turn(0, VALIDATION_PROMPT)), add_special_tokens=add_special)["input_ids"]
+        text = render(self.chat_template(), user_turn(0, VALIDATION_PROMPT), variables=self.chat_template_vars())
+        prompt = tok(text, add_special_tokens=add_special)["input_ids"]
         cont = tok(VALIDATION_CONTINUATION, add_special_tokens=False)["input_ids"]
         return TextSample(np.asarray(prompt, np.int64), np.asarray(cont, np.int64))
 

@@ -1,4 +1,5 @@
-"""SmolVLM / Idefics3 family: SigLIP-style vision tower + pixel-shuffle connector + Llama text model."""
+"""SmolVLM / Idefics3 family: SigLIP-style vision tower + pixel-shuffle connector + Llama text model; SmolVLM2
+(``SmolVLMForConditionalGeneration``) is the same model with video input (``SmolVLM2Adapter``)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class _Idefics3Vision(nn.Module):
 
 @register_adapter
 class Idefics3Adapter(TargetAdapter):
-    model_types = ("idefics3", "smolvlm")
+    model_types = ("idefics3",)
     family = "idefics3"
 
     def __init__(self, model, processor):
@@ -103,7 +104,7 @@ class Idefics3Adapter(TargetAdapter):
             "image_seq_len": int(self.processor.image_seq_len),
             "image_token": self.processor.image_token,
             "fake_image_token": self.processor.fake_image_token,
-            "global_image_token": self.processor.global_image_tag,
+            "global_image_token": getattr(self.processor, "global_image_tag", None) or self.processor.global_image_token,
             "image_token_id": self.image_token_id,
             "add_special_tokens": True,
             "bos_token_id": tok.bos_token_id,
@@ -115,3 +116,49 @@ class Idefics3Adapter(TargetAdapter):
         img = out.pooler_output if hasattr(out, "pooler_output") else out
         img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img
         return img.reshape(-1, img.shape[-1])
+
+
+@register_adapter
+class SmolVLM2Adapter(Idefics3Adapter):
+    """SmolVLM2: SmolVLM's images, plus videos. Each sampled frame is one tile (no splitting) standing for
+    ``image_seq_len`` image tokens, announced by a frame count in words, the duration and per-frame timestamps.
+    Everything the runtime needs for that is the manifest's ``preprocessing.video`` (sampling, frame sizes, the
+    prompt strings of transformers' SmolVLM processor, and the chat template it uses for videos); the runtime
+    reads videos with PyAV (``runtime/video.py``)."""
+
+    model_types = ("smolvlm",)
+    family = "smolvlm2"
+
+    def preprocessing(self) -> dict[str, Any]:
+        from transformers.models.smolvlm import processing_smolvlm as hf
+
+        pre = super().preprocessing()
+        vp = getattr(self.processor, "video_processor", None)
+        if vp is None:
+            return pre
+        size = dict(vp.size)
+        if not size.get("longest_edge"):
+            raise DreamExportError(f"video processor size {size}: expected a longest_edge")
+        tile = int(vp.max_image_size["longest_edge"])
+        if tile != self.model.config.vision_config.image_size:
+            raise DreamExportError(f"video processor max_image_size {tile} != vision_config.image_size "
+                                   f"{self.model.config.vision_config.image_size}; expected one tile per frame")
+        pre["video"] = {
+            "video_token": self.processor.video_token,
+            "fps": float(vp.fps),
+            "max_frames": int(vp.num_frames),
+            "skip_secs": 1.0,                  # SmolVLMVideoProcessor.sample_frames' default
+            "longest_edge": int(size["longest_edge"]),
+            "max_image_size": tile,
+            "resample": int(vp.resample),
+            "do_rescale": bool(vp.do_rescale),
+            "rescale_factor": float(vp.rescale_factor),
+            "do_normalize": bool(vp.do_normalize),
+            "image_mean": [float(v) for v in vp.image_mean],
+            "image_std": [float(v) for v in vp.image_std],
+            "intro": hf.DEFAULT_VIDEO_INTRO,
+            "frame_message": hf.FRAME_TIMESTAMP_MESSAGE,
+            "outro": hf.DEFAULT_MEDIA_OUTTRO,
+            "chat_template": hf.DEFAULT_CHAT_TEMPLATE,  # what SmolVLMProcessor.apply_chat_template uses for videos
+        }
+        return pre

@@ -34,6 +34,32 @@ class _LlavaVision(nn.Module):
         return self.projector(torch.cat(feats, dim=-1))
 
 
+def clip_preprocessing(ip) -> dict[str, Any]:
+    """The runtime's ``clip`` preprocessing kind for a CLIP-style image processor (resize by the shortest edge or to
+    a fixed size, optional centre crop, rescale, normalise)."""
+    crop = dict(getattr(ip, "crop_size", None) or {})
+    size = dict(ip.size)
+    if not size.get("shortest_edge") and not (size.get("height") and size.get("width")):
+        raise DreamExportError(f"image processor size {size}: expected shortest_edge or height/width")
+    return {
+        "kind": "clip",
+        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+        "do_resize": bool(ip.do_resize),
+        "shortest_edge": int(size["shortest_edge"]) if size.get("shortest_edge") else None,
+        "resize_height": int(size["height"]) if size.get("height") else None,
+        "resize_width": int(size["width"]) if size.get("width") else None,
+        "resample": int(ip.resample),
+        "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
+        "crop_height": int(crop["height"]) if crop else None,
+        "crop_width": int(crop["width"]) if crop else None,
+        "do_rescale": bool(ip.do_rescale),
+        "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize),
+        "image_mean": [float(v) for v in ip.image_mean],
+        "image_std": [float(v) for v in ip.image_std],
+    }
+
+
 @register_adapter
 class LlavaAdapter(TargetAdapter):
     model_types = ("llava",)
@@ -70,28 +96,9 @@ class LlavaAdapter(TargetAdapter):
         return side * side + (0 if cfg.vision_feature_select_strategy == "default" else 1)
 
     def preprocessing(self) -> dict[str, Any]:
-        ip = self.processor.image_processor
         tok = self.processor.tokenizer
-        crop = dict(getattr(ip, "crop_size", None) or {})
-        size = dict(ip.size)
-        if not size.get("shortest_edge") and not (size.get("height") and size.get("width")):
-            raise DreamExportError(f"image processor size {size}: expected shortest_edge or height/width")
         return {
-            "kind": "clip",
-            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-            "do_resize": bool(ip.do_resize),
-            "shortest_edge": int(size["shortest_edge"]) if size.get("shortest_edge") else None,
-            "resize_height": int(size["height"]) if size.get("height") else None,
-            "resize_width": int(size["width"]) if size.get("width") else None,
-            "resample": int(ip.resample),
-            "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
-            "crop_height": int(crop["height"]) if crop else None,
-            "crop_width": int(crop["width"]) if crop else None,
-            "do_rescale": bool(ip.do_rescale),
-            "rescale_factor": float(ip.rescale_factor),
-            "do_normalize": bool(ip.do_normalize),
-            "image_mean": [float(v) for v in ip.image_mean],
-            "image_std": [float(v) for v in ip.image_std],
+            **clip_preprocessing(self.processor.image_processor),
             "image_seq_len": self.image_seq_len(),
             "tiles_per_image": 1,
             "image_token": self.processor.image_token,

@@ -49,6 +49,10 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
     ids = out[:, :]                                                  # prompt + the target's own answer
     prompt_len = enc["input_ids"].shape[1]
     vision_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}  # the family's own
+    for k in ("token_type_ids", "mm_token_type_ids"):  # per prompt token (Gemma 3's image blocks): answer tokens are text
+        if k in vision_inputs:
+            v = vision_inputs[k]
+            vision_inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], ids.shape[1] - v.shape[1])], dim=1)
     fwd = model(input_ids=ids, **vision_inputs, output_hidden_states=True, output_attentions=True, return_dict=True)
     hs = fwd.hidden_states                                           # embeddings, then each layer (last one normed)
     embeds = model.get_input_embeddings()(ids)
