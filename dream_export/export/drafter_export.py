@@ -42,7 +42,6 @@ def drafter_cases(cfg, spec, seed: int):
     whose queries see only their ancestors in both attentions."""
     rng = np.random.default_rng(seed)
     h = cfg.hidden_size
-    mask_min = spec.extra["mask_min"]
     cases = []
     for name, past_len, q_len, mem_past, m_len in (("catchup", 0, 7, 0, 6), ("step", 11, 1, 10, 1), ("tree", 15, 4, 14, 4)):
         self_allowed = np.tril(np.ones((q_len, past_len + q_len), bool), k=past_len)
