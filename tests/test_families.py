@@ -12,6 +12,7 @@ import pytest
 
 from helpers import PAIRS, PROMPTS, hf_generate, hf_inputs, run_cli_json
 from runtime import cli
+from runtime.errors import InputError
 from runtime.pipeline import Pipeline
 from runtime.tree import TreeSpec
 
@@ -56,17 +57,28 @@ def _smolvlm2(layout):
     return lambda folder: build_tiny_smolvlm2(folder, spec)
 
 
+def _pixtral(layout):
+    from dream_export.presets.tiny_pixtral import TinyPixtralSpec, build_tiny_pixtral
+
+    spec = {"p8_edge64": TinyPixtralSpec(),  # 8-px patches, images up to 64 px a side (8 x 8 patches), last layer
+            "p16_edge80": TinyPixtralSpec(patch=16, longest_edge=80, feature_layer=-2, text_layers=3, kv_heads=4,
+                                          seed=1)}[layout]
+    return lambda folder: build_tiny_pixtral(folder, spec)
+
+
 # family -> {layout: builder(folder) -> model folder}; a registered family without an entry fails a test below
 TEST_MODELS = {
     "llava": {"clip336like": _llava("clip336like"), "full_cls": _llava("full_cls")},
     "llava_next": {"anyres": _llava_next("anyres"), "anyres_p8": _llava_next("anyres_p8")},
     "gemma3": {"window24": _gemma3("window24"), "softcap_w16": _gemma3("softcap_w16")},
     "smolvlm2": {"split": _smolvlm2("split"), "nosplit_x3": _smolvlm2("nosplit_x3")},
+    "pixtral": {"p8_edge64": _pixtral("p8_edge64"), "p16_edge80": _pixtral("p16_edge80")},
     "idefics3": {},  # SmolVLM: tests/conftest.py's zoo (CONFIGS) and the built-in smolvlm-tiny
 }
-# families whose transformers processor cannot be built without torchvision (a video processor is required): their
-# tests run in the export-tv environment (tests/run_all.sh: pytest -m torchvision)
-NEEDS_TORCHVISION = {"smolvlm2"}
+# families whose transformers processor cannot be built without torchvision (SmolVLM2: a video processor is required;
+# Pixtral: the processor is declared so): their tests run in the export-tv environment (tests/run_all.sh:
+# pytest -m torchvision)
+NEEDS_TORCHVISION = {"smolvlm2", "pixtral"}
 
 
 def _params(pairs):
@@ -142,6 +154,16 @@ def test_every_registered_family_has_a_test_model():
         assert family == "idefics3" or len(layouts) >= 2, family  # two layouts each (SmolVLM's live in the zoo)
 
 
+def _hf_refuses(model_dir, paths, prompt) -> bool:
+    """Whether transformers' processor refuses the image (Pixtral: a 78:1 strip fitted into the longest edge has a
+    0-px side, and its resize fails)."""
+    try:
+        hf_inputs(str(model_dir), paths, prompt)
+    except ValueError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("family,layout", LAYOUTS)
 def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, family, layout):
     model_dir, bundle = families.get(family, layout)
@@ -151,6 +173,10 @@ def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, fam
     for i, (names, prompt_idx) in enumerate(PAIRS):
         paths = [images[n] for n in names]
         prompt = PROMPTS[prompt_idx]
+        if _hf_refuses(model_dir, paths, prompt):  # then the runtime says why in one line
+            with pytest.raises(InputError, match="aspect ratio"):
+                pipe.generate(paths, prompt, max_new_tokens=MAX_NEW)
+            continue
         if i % 5 == 0:  # through the CLI as a user runs it
             got = run_cli_json(capsys, [*map(str, paths), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW),
                                      "--json"])["token_ids"]
@@ -167,10 +193,21 @@ def test_pixels_and_prompt_ids_equal_the_hf_processor(families, images, family, 
     for names in (["astronaut"], ["tall_strip"], ["wide_strip"], ["one_pixel"], ["rgba", "gray16"], ["huge"],
                   ["exif_rotated"]):
         paths = [images[n] for n in names]
+        if _hf_refuses(model_dir, paths, "Describe the image."):
+            with pytest.raises(InputError, match="aspect ratio"):
+                pipe.prepare(paths, "Describe the image.")
+            continue
         prep = pipe.prepare(paths, "Describe the image.")
         enc = hf_inputs(str(model_dir), paths, "Describe the image.")
         assert np.array_equal(prep.input_ids, enc["input_ids"][0].numpy()), names
         pixels = enc["pixel_values"].numpy()
+        if "image_sizes" in enc and pixels.ndim == 4:
+            # Pixtral: [images, 3, H, W] zero-padded to the largest; each image at its own size here
+            sizes = [tuple(s) for s in enc["image_sizes"].tolist()]
+            assert [t.shape[2:] for t in prep.tiles] == sizes, names
+            for t, p, (h, w) in zip(prep.tiles, pixels, sizes):
+                np.testing.assert_array_equal(t[0], p[:, :h, :w])
+            continue
         if pixels.ndim == 5 and pixels.shape[:2] == (1, sum(len(t) for t in prep.tiles)):
             pixels = pixels[0]  # SmolVLM: [batch, every tile of every image, 3, S, S]
         elif pixels.ndim == 5:  # LLaVA-NeXT: [images, patches (padded to the most), 3, S, S]
@@ -209,6 +246,15 @@ def test_text_only_and_unsupported_options(families, images, capsys, family, lay
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--image-splitting"]) == 2
     err = capsys.readouterr().err
     assert "no splitting" in err and err.count("\n") == 1
+    if family == "pixtral":  # images at their own size: a lower longest edge is an option, as in the processor
+        pipe = Pipeline.from_bundle(bundle)
+        small = pipe.prepare([images["coffee"]], "Hi", longest_edge=24)
+        enc = hf_inputs(str(model_dir), [images["coffee"]], "Hi", images_kwargs={"size": {"longest_edge": 24}})
+        assert np.array_equal(small.input_ids, enc["input_ids"][0].numpy())
+        assert len(small.input_ids) < len(pipe.prepare([images["coffee"]], "Hi").input_ids)
+        assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--longest-edge", "100000"]) == 2
+        assert "longest_edge" in capsys.readouterr().err
+        return
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--longest-edge", "64"]) == 2
     assert "fixed size" in capsys.readouterr().err
 
@@ -291,6 +337,41 @@ def test_gemma3_rules_are_exercised(families, images, layout):
     with torch.no_grad():
         want = model.get_input_embeddings()(torch.tensor(ids)).numpy()
     np.testing.assert_array_equal(pipe.embed(ids), want)
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("layout", list(TEST_MODELS["pixtral"]))
+def test_pixtral_images_run_at_their_own_size(families, images, layout):
+    """Pixtral's vision graph takes one image of any patch-multiple size per call: the calls a prompt makes (odd
+    sizes, two images) each fit the TensorRT plan's vision profile, which stops at the longest edge; the prompt
+    spells each image's grid out ([IMG] x cols + [IMG_BREAK] per row, [IMG_END] last)."""
+    from runtime.backends.trt_plan import Plan
+
+    _, bundle = families.get("pixtral", layout)
+    pipe = Pipeline.from_bundle(bundle)
+    pre = pipe.bundle.manifest["preprocessing"]
+    assert pre["vision_call"] == "per_image"
+    plan = Plan.from_manifest(pipe.bundle.manifest)
+    calls = []
+    run = pipe.backend.run
+    pipe.backend.run = lambda graph, feeds, outputs=None: (calls.append((graph, {k: v.shape for k, v in feeds.items()})),
+                                                           run(graph, feeds, outputs))[1]
+    sizes = set()
+    for names in (["astronaut", "wide_strip"], ["one_pixel"], ["huge"], ["exif_rotated", "gray16"]):
+        prep = pipe.prepare([images[n] for n in names], "Describe the image.")
+        pipe.vision(prep.tiles, prep.images)
+        text = pipe.tokenizer.decode(prep.input_ids.tolist(), skip_special_tokens=False)
+        for img in prep.images:
+            grid = ((pre["image_token"] * img.cols + pre["image_break_token"]) * (img.rows - 1)
+                    + pre["image_token"] * img.cols + pre["image_end_token"])
+            assert grid in text.replace(" ", "")
+    for graph, shapes in calls:
+        assert graph == "vision" and plan.profile_for("vision", shapes).name == "image"
+        sizes.add(shapes["pixel_values"][2:])
+    assert len(sizes) >= 4  # images at their own sizes, not one square
+    side = plan.profiles["vision"][0].dims["height"][2]
+    with pytest.raises(ValueError, match="no profile serves"):
+        plan.profile_for("vision", {"pixel_values": (1, 3, side + pre["patch_size"], pre["patch_size"])})
 
 
 def _videos(root: Path) -> dict[str, Path]:

@@ -23,7 +23,8 @@ from .graphs import DecoderGraph, set_eager_attention
 from .onnx_io import export_graph, op_inventory
 from .fused import FusedDecoderGraph
 from .specs import decoder_spec, fused_decoder_spec, vision_spec
-from .validate import decoder_cases, raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision
+from .validate import (decoder_cases, raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision,
+                       vision_shapes)
 from .weights import WEIGHTS_FILE, externalize, share_weights
 
 
@@ -119,7 +120,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     vocab = adapter.lm_head().weight.shape[0]
     hidden = tcfg.hidden_size
     pre = adapter.preprocessing()
-    v_spec = vision_spec(*adapter.vision_input_shape()[:2], pre["image_seq_len"], hidden)
+    v_sizes = adapter.vision_sizes()  # None: fixed-size tiles; else one image of any size per call (Pixtral)
+    v_spec = vision_spec(*adapter.vision_input_shape()[:2], pre["image_seq_len"], hidden, dynamic_size=v_sizes is not None)
     d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
     fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph()
     f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab) if fused_ok else None
@@ -134,9 +136,10 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         with stages.stage("vision tower + connector → vision.onnx"):
             vision = adapter.vision_module().eval()
             c, s, _ = adapter.vision_input_shape()
-            export_graph(vision, v_spec, (torch.zeros(2, c, s, s),), tmp / v_spec.file)
+            example = vision_shapes(v_spec, v_sizes)[0] if v_sizes else (2, c, s, s)
+            export_graph(vision, v_spec, (torch.zeros(*example),), tmp / v_spec.file)
         with stages.stage("check vision.onnx against PyTorch"):
-            checks += validate_vision(vision, v_spec, tmp / v_spec.file, opts.seed)
+            checks += validate_vision(vision, v_spec, tmp / v_spec.file, opts.seed, v_sizes)
         with stages.stage(f"text decoder ({num_layers} layers) → decoder.onnx"):
             decoder = DecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
             args = _decoder_dummy(d_spec, past_len=3, q_len=2)
@@ -155,7 +158,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
                 checks += q_checks
         if opts.precision != "fp32":
-            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, opts.seed, stages)
+            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, opts.seed, stages, v_sizes)
             checks += p_checks
         drafter_info = None
         if opts.drafter is not None:
@@ -224,12 +227,14 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     return opts.out
 
 
-def _fp16_graphs(v_spec, d_spec, folder: Path, cases, seed: int, stages):
+def _fp16_graphs(v_spec, d_spec, folder: Path, cases, seed: int, stages, v_sizes=None):
     """Replace vision.onnx and decoder.onnx by their FP16 twins (FP32 islands, FP32 I/O), each checked against
     the FP32 graph it came from. The fused ORT-CPU decoder stays FP32 (a CPU has no fast FP16 path)."""
     checks, out = [], []
     rng = np.random.default_rng(seed)
-    vision_cases = [("tiles2", {"pixel_values": rng.uniform(-1, 1, (2, *v_spec.inputs[0].dims[1:])).astype(np.float32)})]
+    shapes = vision_shapes(v_spec, v_sizes) if v_sizes else [(2, *v_spec.inputs[0].dims[1:])]
+    vision_cases = [(f"pixels{i}", {"pixel_values": rng.uniform(-1, 1, shape).astype(np.float32)})
+                    for i, shape in enumerate(shapes)]
     for spec, spec_cases in ((v_spec, vision_cases), (d_spec, cases)):
         spec, c = fp16_graph(spec, folder, spec_cases, stages)
         checks += c

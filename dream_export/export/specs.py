@@ -48,12 +48,15 @@ class GraphSpec:
         }
 
 
-def vision_spec(channels: int, size: int, image_seq_len: int, hidden: int) -> GraphSpec:
+def vision_spec(channels: int, size: int, image_seq_len: int, hidden: int, dynamic_size: bool = False) -> GraphSpec:
+    """Tiles of a fixed size, or (``dynamic_size``) one image of any patch-multiple size per call."""
+    pixels = ("tiles", channels, "height", "width") if dynamic_size else ("tiles", channels, size, size)
+    tokens = "image_tokens" if dynamic_size else image_seq_len
     return GraphSpec(
         name="vision",
         file="vision.onnx",
-        inputs=(TensorSpec("pixel_values", "float32", ("tiles", channels, size, size)),),
-        outputs=(TensorSpec("image_embeds", "float32", ("tiles", image_seq_len, hidden)),),
+        inputs=(TensorSpec("pixel_values", "float32", pixels),),
+        outputs=(TensorSpec("image_embeds", "float32", ("tiles", tokens, hidden)),),
         atol=1e-3,
     )
 

@@ -150,17 +150,26 @@ def validate_decoder(module, spec, path, cases) -> list[Check]:
     return checks
 
 
-def validate_vision(module, spec, path, seed: int = 0) -> list[Check]:
+def vision_shapes(spec, sizes=None) -> list[tuple]:
+    """The pixel_values shapes a vision graph is checked on: 1 and 3 fixed-size tiles, or one image at each of the
+    adapter's example sizes (a dynamic-size graph)."""
+    dims = spec.inputs[0].dims
+    if sizes:
+        return [(1, dims[1], int(h), int(w)) for h, w in sizes]
+    return [(tiles, *dims[1:]) for tiles in (1, 3)]
+
+
+def validate_vision(module, spec, path, seed: int = 0, sizes=None) -> list[Check]:
     sess = _session(path)
     rng = np.random.default_rng(seed + 1)
-    dims = spec.inputs[0].dims
     checks = []
-    for tiles in (1, 3):
-        x = rng.uniform(-1, 1, (tiles, *dims[1:])).astype(np.float32)
+    for shape in vision_shapes(spec, sizes):
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
         with torch.no_grad():
             ref = module(torch.from_numpy(x))
         got = sess.run(None, {spec.inputs[0].name: x})
-        checks += _compare("vision", f"tiles{tiles}", spec, (ref,), got)
+        case = f"{shape[2]}x{shape[3]}" if sizes else f"tiles{shape[0]}"
+        checks += _compare("vision", case, spec, (ref,), got)
     return checks
 
 

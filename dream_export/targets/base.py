@@ -26,7 +26,7 @@ def register_adapter(cls):
 def adapter_for(model, processor) -> "TargetAdapter":
     model_type = getattr(model.config, "model_type", None)
     for cls in _ADAPTERS:
-        if model_type in cls.model_types:
+        if model_type in cls.model_types and cls.accepts(model.config):
             return cls(model, processor)
     known = sorted(t for cls in _ADAPTERS for t in cls.model_types)
     from ..errors import DreamExportError
@@ -41,6 +41,12 @@ class TargetAdapter(ABC):
     def __init__(self, model, processor):
         self.model = model.eval()
         self.processor = processor
+
+    @classmethod
+    def accepts(cls, config) -> bool:
+        """Whether this adapter takes a model of one of its ``model_types`` (families that share a model type, e.g.
+        LLaVA with a CLIP tower and LLaVA with a Pixtral tower, tell themselves apart here)."""
+        return True
 
     # --- pieces of the text model (transformers' VLM conventions; a family overrides what differs) ---------
     @property
@@ -137,6 +143,13 @@ class TargetAdapter(ABC):
     def vision_input_shape(self) -> tuple[int, int, int]:
         cfg = self.model.config.vision_config
         return (cfg.num_channels, cfg.image_size, cfg.image_size)
+
+    def vision_sizes(self) -> list[tuple[int, int]] | None:
+        """None: the vision graph takes a batch of fixed-size tiles (``vision_input_shape``). A family whose tower
+        takes one image of its own size per call (Pixtral) returns example (height, width) sizes instead: the graph's
+        height, width and token count are dynamic, it is exported at the first size and checked at each, and the
+        manifest's ``preprocessing.vision_call`` is ``per_image``."""
+        return None
 
     @abstractmethod
     def hf_image_features(self, pixel_values, **processor_outputs):

@@ -65,6 +65,11 @@ class LlavaAdapter(TargetAdapter):
     model_types = ("llava",)
     family = "llava"
 
+    @classmethod
+    def accepts(cls, config) -> bool:
+        """LLaVA with a CLIP/SigLIP tower (a Pixtral tower is ``targets/pixtral.py``)."""
+        return getattr(config.vision_config, "model_type", None) != "pixtral"
+
     def __init__(self, model, processor):
         super().__init__(model, processor)
         text_cfg = model.config.text_config

@@ -40,12 +40,15 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
     messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     enc = processor(text=text, images=[images] if images else None, return_tensors="pt")
+    # an answer never holds the image token (an untrained target can emit it; the forward below would then expect
+    # image features for it)
+    no_image = {"suppress_tokens": [int(model.config.image_token_id)]}
     if sample.temperature > 0:
         torch.manual_seed(sample.seed)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=sample.temperature,
-                             top_p=0.95, top_k=0)
+                             top_p=0.95, top_k=0, **no_image)
     else:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **no_image)
     ids = out[:, :]                                                  # prompt + the target's own answer
     prompt_len = enc["input_ids"].shape[1]
     vision_inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}  # the family's own

@@ -2,7 +2,7 @@
 
 What it decides, from the manifest alone:
 - **engines and optimization profiles**: one engine per graph, with the profiles every call of the runtime
-  needs (vision: 1..max tiles; decoder: prefill, step and verify; drafter graphs: catch-up and tree levels).
+  needs (vision: 1..max tiles, or one image of any size up to the longest edge; decoder: prefill, step and verify; drafter graphs: catch-up and tree levels).
   ``Plan.profile_for(graph, shapes)`` names the profile that serves a call, or says why none does;
 - **where engines live**: ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` in the bundle, each engine with the
   sha256 of the graph it was built from. A changed graph, GPU, TensorRT version or precision gives another key
@@ -99,7 +99,14 @@ class Plan:
             t = max_tiles(manifest)
             pre = manifest["preprocessing"]
             grid = math.ceil(int(pre["size_longest_edge"]) / int(pre["max_image_size"])) if pre.get("do_image_splitting") else 0
-            plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, max(1, min(t, grid * grid + 1)), t)})]
+            if pre.get("vision_call") == "per_image":  # one image at its own size per call (Pixtral)
+                p = int(pre["patch_size"])
+                side = -(-int(pre["longest_edge"]) // p) * p
+                opt = max(p, side // 2 // p * p)
+                plan.profiles["vision"] = [Profile("image", {"tiles": (1, 1, 1), "height": (p, opt, side),
+                                                             "width": (p, opt, side)})]
+            else:
+                plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, max(1, min(t, grid * grid + 1)), t)})]
         if "decoder" in graphs:
             # most specific first: a call takes the first profile it fits (``profile_for``)
             plan.profiles["decoder"] = [

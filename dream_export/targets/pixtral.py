@@ -1,0 +1,124 @@
+"""Pixtral family (``LlavaForConditionalGeneration`` with a ``PixtralVisionModel`` tower, e.g. Pixtral-12B): images
+keep their own aspect and size (the longest edge at most ``size["longest_edge"]``, each side rounded up to a whole
+number of patches), the tower reads them with 2-D rotary positions, and the prompt spells the patch grid out:
+each row of ``[IMG]`` tokens ends with ``[IMG_BREAK]``, the last with ``[IMG_END]``.
+
+What Pixtral brings, as generic rules:
+- a vision graph whose height, width and token count are dynamic, called once per image
+  (``TargetAdapter.vision_sizes``; the manifest's ``preprocessing.vision_call = "per_image"``);
+- the runtime's ``pixtral`` preprocessing kind (resize rule, row/break/end token layout), checked against
+  transformers' ``PixtralProcessor`` (PIL backend) pixel for pixel and id for id.
+Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``: the same tower plus a 2x2 patch merger) is another model
+type and not covered here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import DreamExportError
+from .base import TargetAdapter, register_adapter
+from .llava import _LlavaVision
+
+
+def _side(value) -> int:
+    if isinstance(value, dict):
+        h, w = value.get("height"), value.get("width")
+        if h != w:
+            raise DreamExportError(f"patch size {value}: expected square patches")
+        return int(h)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise DreamExportError(f"patch size {value}: expected square patches")
+        return int(value[0])
+    return int(value)
+
+
+@register_adapter
+class PixtralAdapter(TargetAdapter):
+    model_types = ("llava",)
+    family = "pixtral"
+
+    @classmethod
+    def accepts(cls, config) -> bool:
+        return getattr(config.vision_config, "model_type", None) == "pixtral"
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)
+        cfg = model.config
+        if getattr(cfg.text_config, "model_type", "llama") not in ("llama", "mistral"):
+            raise DreamExportError(f"Pixtral text model {cfg.text_config.model_type!r}: expected a Llama/Mistral text model")
+        if cfg.vision_feature_select_strategy != "full":
+            raise DreamExportError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: expected "
+                                   f"'full' (a Pixtral tower has no CLS token to drop)")
+        merge = int(getattr(processor, "spatial_merge_size", 1) or 1)
+        if merge != 1:
+            raise DreamExportError(f"processor spatial_merge_size {merge}: expected 1 (LLaVA with a Pixtral tower; "
+                                   f"a patch merger is Mistral-Small-3.1's model type, not supported)")
+        patch = _side(cfg.vision_config.patch_size)
+        if _side(processor.patch_size) != patch or _side(processor.image_processor.patch_size) != patch:
+            raise DreamExportError(f"processor patch size {processor.patch_size} / image processor "
+                                   f"{processor.image_processor.patch_size} != the tower's {patch}")
+        size = dict(processor.image_processor.size)
+        if not size.get("longest_edge"):
+            raise DreamExportError(f"image processor size {size}: expected longest_edge")
+        self.patch, self.longest_edge = patch, int(size["longest_edge"])
+
+    @property
+    def text_model(self):
+        return self.model.model.language_model
+
+    def vision_module(self):
+        return _LlavaVision(self.model)  # select strategy "full": every patch's features, through the projector
+
+    def vision_input_shape(self) -> tuple[int, int, int]:
+        side = -(-self.longest_edge // self.patch) * self.patch
+        return (int(self.model.config.vision_config.num_channels), side, side)
+
+    def vision_sizes(self) -> list[tuple[int, int]]:
+        """A wide and a tall image, one patch row and column apart from square (height and width traced apart)."""
+        p, most = self.patch, max(2, -(-self.longest_edge // self.patch))
+        return [(p * min(3, most), p * min(5, most)), (p * min(4, most), p * 2), (p, p)]
+
+    def image_seq_len(self) -> int:
+        """The most [IMG] tokens one image can take (a square at the longest edge)."""
+        n = -(-self.longest_edge // self.patch)
+        return n * n
+
+    def preprocessing(self) -> dict[str, Any]:
+        proc, ip = self.processor, self.processor.image_processor
+        tok = proc.tokenizer
+        n = -(-self.longest_edge // self.patch)
+        return {
+            "kind": "pixtral",
+            "vision_call": "per_image",            # one image of its own size per vision call
+            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+            "do_resize": bool(ip.do_resize),
+            "longest_edge": self.longest_edge,
+            "patch_size": self.patch,
+            "resample": int(ip.resample),
+            "do_rescale": bool(ip.do_rescale),
+            "rescale_factor": float(ip.rescale_factor),
+            "do_normalize": bool(ip.do_normalize),
+            "image_mean": [float(v) for v in ip.image_mean],
+            "image_std": [float(v) for v in ip.image_std],
+            "image_seq_len": self.image_seq_len(),
+            "tokens_per_image": n * n + n,          # [IMG] tokens plus one break/end per row, at most
+            "tiles_per_image": 1,
+            "image_token": proc.image_token,
+            "image_break_token": proc.image_break_token,
+            "image_end_token": proc.image_end_token,
+            "image_token_id": self.image_token_id,
+            # the chat template writes <s> itself (Mistral templates do): tokenised as apply_chat_template does
+            "add_special_tokens": "bos_token" not in self.chat_template(),
+            "bos_token_id": tok.bos_token_id,
+        }
+
+    def hf_image_features(self, pixel_values, image_sizes=None, **_):
+        cfg = self.model.config
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                  vision_feature_layer=cfg.vision_feature_layer,
+                                                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
