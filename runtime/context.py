@@ -25,8 +25,14 @@ class Context:
         self.received = np.zeros(cap, np.float64)   # summed over the queries of every prompt prefill
         self._chunks: list[tuple[int, np.ndarray]] = []  # (start, that prefill's contribution to ``received``)
         self.image_embeds: np.ndarray | None = None  # [n_image_tokens, H]: what the image tokens stand for, in order
+        self.image_grids: list | None = None  # (rows, cols) token grid per image: M-RoPE positions (runtime/rope.py)
         self.drafter = None        # speculative.DrafterState, created by the first speculative call
         self.drafter_upto = 0      # the drafter's caches are valid for positions < drafter_upto
+
+    def set_images(self, embeds: np.ndarray | None, images: list) -> None:
+        """The prompt's image embeddings (``Pipeline.vision``) and each image's token grid."""
+        self.image_embeds = embeds
+        self.image_grids = [self.pipe.pre.token_grid(i) for i in images] if self.pipe.rope_axes == 3 else None
 
     @property
     def length(self) -> int:
@@ -80,6 +86,10 @@ class Context:
         c = min(self.common_prefix(ids), n - 1)  # at least one position runs: its logits are the answer's start
         c = self.pipe.image_block_start(ids, c)  # an image block that sees itself whole is computed whole
         self.truncate(c)
+        if self.pipe.rope_axes == 3:  # M-RoPE: the prompt's 3-axis positions, from its image grids
+            from .rope import mrope_table
+
+            self.dec.rope = mrope_table(ids, self.pipe.image_token_id, self.image_grids)
         embeds = prompt_embeds[:, c:] if prompt_embeds is not None else self.embeds_for(ids, c)[None]
         out = self.pipe.step(self.dec, embeds, ids[c:])
         self.ids[c:n] = ids[c:]

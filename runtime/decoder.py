@@ -20,6 +20,17 @@ from .kv import KVCache
 class DecoderRunner:
     length: int
     capacity: int
+    rope_axes = 1   # 3: the graph takes M-RoPE position ids [3, 1, Q] (Qwen2.5-VL; manifest text.rope_axes)
+    rope = None     # (table [3, n], delta) of the sequence's prompt, set by its Context's prefill (runtime/rope.py)
+
+    def position_feed(self, positions) -> np.ndarray:
+        """The graph's position_ids for sequence positions ``positions``: [1, Q], or [3, 1, Q] for M-RoPE."""
+        if self.rope_axes == 1:
+            return np.asarray(positions, np.int64)[None]
+        from .rope import position_ids
+
+        table, delta = self.rope if self.rope is not None else (None, 0)
+        return position_ids(positions, table, delta)
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -44,7 +55,7 @@ class PlainDecoder(DecoderRunner):
         return self.cache.length
 
     def run(self, embeds, mask, positions):
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions[None].astype(np.int64)}
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": self.position_feed(positions)}
         for i, (kn, vn) in enumerate(zip(self.names["past_key"], self.names["past_value"])):
             feeds[kn], feeds[vn] = self.cache.past(i)
         out = self.backend.run("decoder", feeds)
@@ -102,7 +113,7 @@ class FusedOrtDecoder(DecoderRunner):
             raise ValueError(f"mask width {mask.shape[-1]} != context {self.length} + {q}")
         self.io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=np.float32))
         self.io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.float32))
-        self.io.bind_cpu_input("position_ids", np.ascontiguousarray(positions[None], dtype=np.int64))
+        self.io.bind_cpu_input("position_ids", np.ascontiguousarray(self.position_feed(positions)))
         self._bind_outputs()
         self.session.run_with_iobinding(self.io)
         outs = self.io.get_outputs()
@@ -131,6 +142,12 @@ class FusedOrtDecoder(DecoderRunner):
 def make_decoder(backend, bundle, capacity: int, fused: bool | str | None = None) -> DecoderRunner:
     """``fused``: None picks the fused ORT-CPU decoder where it applies; ``"device"`` keeps K/V resident in the
     backend's memory (``backends/device.py``; what GPU backends use, also runnable on the CPU)."""
+    dec = _make_decoder(backend, bundle, capacity, fused)
+    dec.rope_axes = int(bundle.manifest["text"].get("rope_axes", 1))
+    return dec
+
+
+def _make_decoder(backend, bundle, capacity: int, fused) -> DecoderRunner:
     graphs = bundle.manifest["graphs"]
     text = bundle.manifest["text"]
     if fused == "device" or (fused is not True and getattr(backend, "device_kv", False)):

@@ -95,6 +95,7 @@ class Pipeline:
         self.max_positions = int(self.text["max_positions"])
         self.embed_scale = np.float32(self.text.get("embed_scale", 1.0))
         self.image_attention = self.text.get("image_attention", "causal")
+        self.rope_axes = int(self.text.get("rope_axes", 1))  # 3: M-RoPE positions (runtime/rope.py)
         if self.image_attention not in ("causal", "bidirectional"):
             raise InputError(f"manifest text.image_attention {self.image_attention!r}: expected causal or bidirectional")
         if context is not None:  # a shorter context preallocates less K/V (runtime/budget.py: Jetson budgets)
@@ -205,7 +206,8 @@ class Pipeline:
         if not tiles:
             return None
         if self.pre.cfg.get("vision_call") == "per_image":  # each image at its own size (Pixtral): a call each
-            outs = [self.backend.run("vision", {"pixel_values": t})["image_embeds"] for t in tiles]
+            feeds = [getattr(img, "feeds", None) or {} for img in (images or [None] * len(tiles))]
+            outs = [self.backend.run("vision", {"pixel_values": t, **f})["image_embeds"] for t, f in zip(tiles, feeds)]
             return np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs], axis=0)
         image_embeds = self.backend.run("vision", {"pixel_values": np.concatenate(tiles, axis=0)})["image_embeds"]
         pack = getattr(self.pre, "pack", None)
@@ -313,11 +315,11 @@ class Pipeline:
                     ctx = self._reusable[1]
                 else:
                     ctx = self.new_context()
-                    ctx.image_embeds = self.vision(prep.tiles, prep.images)
+                    ctx.set_images(self.vision(prep.tiles, prep.images), prep.images)
                     self._reusable = (key, ctx)
             else:
                 ctx = self.new_context()
-                ctx.image_embeds = self.vision(prep.tiles, prep.images)
+                ctx.set_images(self.vision(prep.tiles, prep.images), prep.images)
             yield from self._decode(ctx, prep.input_ids, opts, t0)
 
     def session(self, images=None, system: str | None = None, bgr: bool = False, image_splitting: bool | None = None,
@@ -421,7 +423,7 @@ class Session:
             if text.count(sentinel) != 1:
                 raise InputError("the chat template does not render the question verbatim; sessions need it to")
             prep = pipe._encode(text.split(sentinel)[0], images, False, *self._vision)
-            self.ctx.image_embeds = pipe.vision(prep.tiles, prep.images)
+            self.ctx.set_images(pipe.vision(prep.tiles, prep.images), prep.images)
             self.prefix_tokens = len(prep.input_ids)
             if self.prefix_tokens:
                 self.ctx.prefill(prep.input_ids)

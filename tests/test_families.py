@@ -66,6 +66,24 @@ def _pixtral(layout):
     return lambda folder: build_tiny_pixtral(folder, spec)
 
 
+def _qwen2_5_vl(layout):
+    from dream_export.presets.tiny_qwen2_5_vl import TinyQwen25VLSpec, build_tiny_qwen2_5_vl
+
+    spec = {"p8_win2": TinyQwen25VLSpec(),  # 8-px patches, 2x2-token windows, block 1 full, <= 48 tokens per image
+            "p6_win4": TinyQwen25VLSpec(patch=6, window_size=48, fullatt_blocks=(0,), heads=8, mrope_section=(1, 1, 2),
+                                        max_tokens=40, text_layers=3, kv_heads=4, seed=1)}[layout]
+    return lambda folder: build_tiny_qwen2_5_vl(folder, spec)
+
+
+def _mistral3(layout):
+    from dream_export.presets.tiny_pixtral import TinyPixtralSpec, build_tiny_pixtral
+
+    spec = {"p8_merge2": TinyPixtralSpec(merge=2, longest_edge=96),  # 16-px tokens (2x2 patches of 8 px), up to 96 px
+            "p6_merge3": TinyPixtralSpec(patch=6, merge=3, longest_edge=100, feature_layer=-2, text_layers=3,
+                                         kv_heads=4, seed=2)}[layout]
+    return lambda folder: build_tiny_pixtral(folder, spec)
+
+
 # family -> {layout: builder(folder) -> model folder}; a registered family without an entry fails a test below
 TEST_MODELS = {
     "llava": {"clip336like": _llava("clip336like"), "full_cls": _llava("full_cls")},
@@ -73,12 +91,14 @@ TEST_MODELS = {
     "gemma3": {"window24": _gemma3("window24"), "softcap_w16": _gemma3("softcap_w16")},
     "smolvlm2": {"split": _smolvlm2("split"), "nosplit_x3": _smolvlm2("nosplit_x3")},
     "pixtral": {"p8_edge64": _pixtral("p8_edge64"), "p16_edge80": _pixtral("p16_edge80")},
+    "qwen2_5_vl": {"p8_win2": _qwen2_5_vl("p8_win2"), "p6_win4": _qwen2_5_vl("p6_win4")},
+    "mistral3": {"p8_merge2": _mistral3("p8_merge2"), "p6_merge3": _mistral3("p6_merge3")},
     "idefics3": {},  # SmolVLM: tests/conftest.py's zoo (CONFIGS) and the built-in smolvlm-tiny
 }
-# families whose transformers processor cannot be built without torchvision (SmolVLM2: a video processor is required;
-# Pixtral: the processor is declared so): their tests run in the export-tv environment (tests/run_all.sh:
-# pytest -m torchvision)
-NEEDS_TORCHVISION = {"smolvlm2", "pixtral"}
+# families whose transformers processor cannot be built without torchvision (SmolVLM2, Qwen2.5-VL: a video processor
+# is required; Pixtral, Mistral-Small-3.1: the processor is declared so): their tests run in the export-tv environment
+# (tests/run_all.sh: pytest -m torchvision)
+NEEDS_TORCHVISION = {"smolvlm2", "pixtral", "mistral3", "qwen2_5_vl"}
 
 
 def _params(pairs):
@@ -177,12 +197,19 @@ def test_greedy_ids_equal_transformers_on_20_pairs(families, images, capsys, fam
             with pytest.raises(InputError, match="aspect ratio"):
                 pipe.generate(paths, prompt, max_new_tokens=MAX_NEW)
             continue
+        try:
+            want = hf_generate(str(model_dir), paths, prompt, MAX_NEW)
+        except RuntimeError as exc:
+            # transformers' Mistral3 get_image_features squeezes a one-token image's features to a vector and then
+            # fails to split them (the 1-px image: one 2x2 square): nothing to compare with; the runtime answers it
+            assert family == "mistral3" and "split_with_sizes" in str(exc) and names == ["one_pixel"], exc
+            assert pipe.generate(paths, prompt, max_new_tokens=MAX_NEW).token_ids
+            continue
         if i % 5 == 0:  # through the CLI as a user runs it
             got = run_cli_json(capsys, [*map(str, paths), prompt, "--bundle", str(bundle), "--max-new-tokens", str(MAX_NEW),
                                      "--json"])["token_ids"]
         else:
             got = pipe.generate(paths, prompt, max_new_tokens=MAX_NEW).token_ids
-        want = hf_generate(str(model_dir), paths, prompt, MAX_NEW)
         assert got == want, (names, prompt)
 
 
@@ -221,9 +248,12 @@ def test_pixels_and_prompt_ids_equal_the_hf_processor(families, images, family, 
 def test_speculative_equals_plain(families, images, family, layout, drafter, tree):
     _, bundle = families.get(family, layout, drafter, tree)
     pipe = Pipeline.from_bundle(bundle)
-    for names, prompt_idx in PAIRS[:6] + [PAIRS[14]]:
+    for names, prompt_idx in PAIRS:  # the 20 pairs of the equality test above
         paths = [images[n] for n in names]
-        plain = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=False)
+        try:
+            plain = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=False)
+        except InputError:  # an image the family refuses (Pixtral: the 1:78 strip), as the equality test checks
+            continue
         spec = pipe.generate(paths, PROMPTS[prompt_idx], max_new_tokens=MAX_NEW, speculative=True)
         assert spec.token_ids == plain.token_ids, names
     if family == "smolvlm2":  # and on short generated videos
@@ -246,7 +276,7 @@ def test_text_only_and_unsupported_options(families, images, capsys, family, lay
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--image-splitting"]) == 2
     err = capsys.readouterr().err
     assert "no splitting" in err and err.count("\n") == 1
-    if family == "pixtral":  # images at their own size: a lower longest edge is an option, as in the processor
+    if family in ("pixtral", "mistral3"):  # images at their own size: a lower longest edge is an option, as in the processor
         pipe = Pipeline.from_bundle(bundle)
         small = pipe.prepare([images["coffee"]], "Hi", longest_edge=24)
         enc = hf_inputs(str(model_dir), [images["coffee"]], "Hi", images_kwargs={"size": {"longest_edge": 24}})
@@ -256,7 +286,8 @@ def test_text_only_and_unsupported_options(families, images, capsys, family, lay
         assert "longest_edge" in capsys.readouterr().err
         return
     assert cli.main([str(images["coffee"]), "Hi", "--bundle", str(bundle), "--longest-edge", "64"]) == 2
-    assert "fixed size" in capsys.readouterr().err
+    err = capsys.readouterr().err  # a fixed size (CLIP-style) or a pixel budget (Qwen2.5-VL): refused in one line
+    assert "longest_edge" in err and ("fixed size" in err or "pixel budget" in err) and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("family,layout", FIRST)
@@ -340,14 +371,15 @@ def test_gemma3_rules_are_exercised(families, images, layout):
 
 
 @pytest.mark.torchvision
-@pytest.mark.parametrize("layout", list(TEST_MODELS["pixtral"]))
-def test_pixtral_images_run_at_their_own_size(families, images, layout):
-    """Pixtral's vision graph takes one image of any patch-multiple size per call: the calls a prompt makes (odd
-    sizes, two images) each fit the TensorRT plan's vision profile, which stops at the longest edge; the prompt
-    spells each image's grid out ([IMG] x cols + [IMG_BREAK] per row, [IMG_END] last)."""
+@pytest.mark.parametrize("family,layout", [(f, layout) for f in ("pixtral", "mistral3", "qwen2_5_vl")
+                                           for layout in TEST_MODELS[f]])
+def test_images_at_their_own_size_fit_the_tensorrt_profile(families, images, family, layout):
+    """Pixtral's and Qwen2.5-VL's vision graphs take one image of its own size per call: the calls prompts make (odd
+    sizes, two images) each fit the TensorRT plan's vision profile, which stops at the family's largest image;
+    Pixtral's prompt spells each image's grid out ([IMG] x cols + [IMG_BREAK] per row, [IMG_END] last)."""
     from runtime.backends.trt_plan import Plan
 
-    _, bundle = families.get("pixtral", layout)
+    _, bundle = families.get(family, layout)
     pipe = Pipeline.from_bundle(bundle)
     pre = pipe.bundle.manifest["preprocessing"]
     assert pre["vision_call"] == "per_image"
@@ -356,22 +388,62 @@ def test_pixtral_images_run_at_their_own_size(families, images, layout):
     run = pipe.backend.run
     pipe.backend.run = lambda graph, feeds, outputs=None: (calls.append((graph, {k: v.shape for k, v in feeds.items()})),
                                                            run(graph, feeds, outputs))[1]
-    sizes = set()
     for names in (["astronaut", "wide_strip"], ["one_pixel"], ["huge"], ["exif_rotated", "gray16"]):
         prep = pipe.prepare([images[n] for n in names], "Describe the image.")
         pipe.vision(prep.tiles, prep.images)
-        text = pipe.tokenizer.decode(prep.input_ids.tolist(), skip_special_tokens=False)
-        for img in prep.images:
-            grid = ((pre["image_token"] * img.cols + pre["image_break_token"]) * (img.rows - 1)
-                    + pre["image_token"] * img.cols + pre["image_end_token"])
-            assert grid in text.replace(" ", "")
+        if family in ("pixtral", "mistral3"):
+            text = pipe.tokenizer.decode(prep.input_ids.tolist(), skip_special_tokens=False).replace(" ", "")
+            for img in prep.images:
+                row = pre["image_token"] * img.cols
+                assert (row + pre["image_break_token"]) * (img.rows - 1) + row + pre["image_end_token"] in text
+    sizes = set()
     for graph, shapes in calls:
         assert graph == "vision" and plan.profile_for("vision", shapes).name == "image"
-        sizes.add(shapes["pixel_values"][2:])
+        sizes.add(shapes["pixel_values"])
     assert len(sizes) >= 4  # images at their own sizes, not one square
-    side = plan.profiles["vision"][0].dims["height"][2]
+    dim, (_, _, most) = next((d, r) for d, r in plan.profiles["vision"][0].dims.items() if d != "tiles")
+    too_big = {name: tuple(most + 1 if d == dim else v for d, v in zip(spec["shape"], shape))
+               for spec in plan.graph_inputs("vision") for name, shape in calls[0][1].items() if spec["name"] == name}
     with pytest.raises(ValueError, match="no profile serves"):
-        plan.profile_for("vision", {"pixel_values": (1, 3, side + pre["patch_size"], pre["patch_size"])})
+        plan.profile_for("vision", too_big)
+
+
+@pytest.mark.torchvision
+@pytest.mark.parametrize("layout", list(TEST_MODELS["qwen2_5_vl"]))
+def test_qwen2_5_vl_positions_are_transformers(families, images, monkeypatch, layout):
+    """The runtime's M-RoPE positions (three axes; image tokens by row and column; text after an image at start +
+    max(rows, cols)) == transformers' ``get_rope_index`` on one-, two- and no-image prompts, and the rule matters:
+    sequence indices as positions answer differently on some pair."""
+    import torch
+
+    import runtime.rope
+    from helpers import hf_model
+
+    model_dir, bundle = families.get("qwen2_5_vl", layout)
+    model, _ = hf_model(str(model_dir))
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.bundle.manifest["text"]["rope_axes"] == 3
+    deltas, axes_apart = [], False
+    for names in (["astronaut"], ["astronaut", "coffee"], ["wide_strip"], ["one_pixel", "tall_strip"], []):
+        paths = [images[n] for n in names]
+        prep = pipe.prepare(paths, "Describe the image.")
+        enc = hf_inputs(str(model_dir), paths, "Describe the image.")
+        with torch.no_grad():
+            want, delta = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+                                                     image_grid_thw=enc.get("image_grid_thw"))
+        table, d = runtime.rope.mrope_table(prep.input_ids, pipe.image_token_id,
+                                            [pipe.pre.token_grid(i) for i in prep.images])
+        np.testing.assert_array_equal(table, want[:, 0].numpy())
+        assert d == int(delta[0, 0]), names
+        deltas.append(d)
+        axes_apart |= not np.array_equal(table[1], table[2])
+    assert min(deltas) < 0 and axes_apart  # an image spans fewer positions than tokens; its axes differ
+    pairs = [([images[n] for n in names], PROMPTS[i]) for names, i in PAIRS[:8]]
+    right = [pipe.generate(p, q, max_new_tokens=MAX_NEW).token_ids for p, q in pairs]
+    monkeypatch.setattr(runtime.rope, "mrope_table",
+                        lambda ids, image_token_id, grids: (np.repeat(np.arange(len(ids))[None], 3, 0), 0))
+    flat = [pipe.generate(p, q, max_new_tokens=MAX_NEW).token_ids for p, q in pairs]
+    assert flat != right
 
 
 def _videos(root: Path) -> dict[str, Path]:

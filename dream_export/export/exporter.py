@@ -22,9 +22,8 @@ from ..errors import DreamExportError
 from .graphs import DecoderGraph, set_eager_attention
 from .onnx_io import export_graph, op_inventory
 from .fused import FusedDecoderGraph
-from .specs import decoder_spec, fused_decoder_spec, vision_spec
-from .validate import (decoder_cases, raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision,
-                       vision_shapes)
+from .specs import decoder_spec, fused_decoder_spec
+from .validate import decoder_cases, raise_on_mismatch, validate_decoder, validate_fused_decoder, validate_vision
 from .weights import WEIGHTS_FILE, externalize, share_weights
 
 
@@ -120,11 +119,11 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     vocab = adapter.lm_head().weight.shape[0]
     hidden = tcfg.hidden_size
     pre = adapter.preprocessing()
-    v_sizes = adapter.vision_sizes()  # None: fixed-size tiles; else one image of any size per call (Pixtral)
-    v_spec = vision_spec(*adapter.vision_input_shape()[:2], pre["image_seq_len"], hidden, dynamic_size=v_sizes is not None)
-    d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
+    v_spec, v_examples = adapter.vision_graph(hidden, opts.seed)  # the graph's I/O and the feeds it is checked on
+    rope_axes = adapter.rope_axes()
+    d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes)
     fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph()
-    f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab) if fused_ok else None
+    f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes) if fused_ok else None
     embed_scale = adapter.embed_scale()
 
     emb = adapter.embed_tokens().weight.detach().float().numpy()
@@ -135,11 +134,11 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         graphs = {}
         with stages.stage("vision tower + connector → vision.onnx"):
             vision = adapter.vision_module().eval()
-            c, s, _ = adapter.vision_input_shape()
-            example = vision_shapes(v_spec, v_sizes)[0] if v_sizes else (2, c, s, s)
-            export_graph(vision, v_spec, (torch.zeros(*example),), tmp / v_spec.file)
+            biggest = max(v_examples, key=lambda e: e[1][v_spec.inputs[0].name].size)[1]  # no size-1 dims to bake in
+            example = tuple(torch.from_numpy(biggest[t.name]) for t in v_spec.inputs)
+            export_graph(vision, v_spec, example, tmp / v_spec.file)
         with stages.stage("check vision.onnx against PyTorch"):
-            checks += validate_vision(vision, v_spec, tmp / v_spec.file, opts.seed, v_sizes)
+            checks += validate_vision(vision, v_spec, tmp / v_spec.file, v_examples)
         with stages.stage(f"text decoder ({num_layers} layers) → decoder.onnx"):
             decoder = DecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
             args = _decoder_dummy(d_spec, past_len=3, q_len=2)
@@ -158,7 +157,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
                 checks += q_checks
         if opts.precision != "fp32":
-            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, opts.seed, stages, v_sizes)
+            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, v_examples, stages)
             checks += p_checks
         drafter_info = None
         if opts.drafter is not None:
@@ -196,6 +195,7 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                     "embed_scale": embed_scale,                      # token rows are multiplied by it
                     "attention_windows": adapter.attention_windows(),  # applied inside the decoder graph
                     "image_attention": adapter.image_attention(),      # the runtime's prompt mask rule
+                    "rope_axes": rope_axes,                            # 3: M-RoPE position ids (runtime/rope.py)
                 },
                 "graphs": graphs,
                 "embeddings": placed["embed_tokens"],
@@ -227,14 +227,10 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     return opts.out
 
 
-def _fp16_graphs(v_spec, d_spec, folder: Path, cases, seed: int, stages, v_sizes=None):
+def _fp16_graphs(v_spec, d_spec, folder: Path, cases, vision_cases, stages):
     """Replace vision.onnx and decoder.onnx by their FP16 twins (FP32 islands, FP32 I/O), each checked against
     the FP32 graph it came from. The fused ORT-CPU decoder stays FP32 (a CPU has no fast FP16 path)."""
     checks, out = [], []
-    rng = np.random.default_rng(seed)
-    shapes = vision_shapes(v_spec, v_sizes) if v_sizes else [(2, *v_spec.inputs[0].dims[1:])]
-    vision_cases = [(f"pixels{i}", {"pixel_values": rng.uniform(-1, 1, shape).astype(np.float32)})
-                    for i, shape in enumerate(shapes)]
     for spec, spec_cases in ((v_spec, vision_cases), (d_spec, cases)):
         spec, c = fp16_graph(spec, folder, spec_cases, stages)
         checks += c
@@ -466,10 +462,13 @@ def _draft_tree_stores(bundle_dir: Path, manifest: dict, tmp: Path, specs) -> li
 def _decoder_dummy(spec, past_len: int, q_len: int, capacity: int | None = None) -> tuple:
     kv = spec.extra["kv"]
     hidden = spec.inputs[0].dims[2]
+    positions = torch.arange(past_len, past_len + q_len)[None]
+    if spec.extra.get("rope_axes", 1) == 3:  # M-RoPE: [3, 1, Q], the axes apart
+        positions = torch.stack([positions, positions + 1, positions + 2])
     args = [
         torch.randn(1, q_len, hidden),
         torch.zeros(1, 1, q_len, past_len + q_len),
-        torch.arange(past_len, past_len + q_len)[None],
+        positions,
     ]
     rows = capacity if capacity is not None else past_len
     # the fused graph's shared buffers are [1,kvh,capacity,hd]; the decoder's past is [1,P,kvh,hd] ("bshd")

@@ -61,7 +61,8 @@ def vision_spec(channels: int, size: int, image_seq_len: int, hidden: int, dynam
     )
 
 
-def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, rope_axes: int = 1) -> GraphSpec:
+    """``rope_axes`` 3: position_ids are M-RoPE's [3, 1, Q] (time, height, width; Qwen2.5-VL)."""
     past, present = [], []
     for i in range(num_layers):
         # K/V as [1, positions, kv_heads, head_dim] ("bshd"): the first L positions of a cache preallocated to
@@ -76,7 +77,7 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
         inputs=(
             TensorSpec("inputs_embeds", "float32", (1, "q_len", hidden)),
             TensorSpec("attention_mask", "float32", (1, 1, "q_len", "total_len")),
-            TensorSpec("position_ids", "int64", (1, "q_len")),
+            TensorSpec("position_ids", "int64", (3, 1, "q_len") if rope_axes == 3 else (1, "q_len")),
             *past,
         ),
         outputs=(
@@ -98,14 +99,16 @@ def decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, voc
                 "present_value": [f"present_value_{i}" for i in range(num_layers)],
             },
             "mask_min": -1e4,
+            **({"rope_axes": rope_axes} if rope_axes != 1 else {}),
         },
         rtol=1e-3,
     )
 
 
-def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int) -> GraphSpec:
+def fused_decoder_spec(num_layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
+                       rope_axes: int = 1) -> GraphSpec:
     """The ORT-CPU decoder: same names as ``decoder_spec``; past/present are shared max-length buffers."""
-    base = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab)
+    base = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes)
 
     def buffer(t: TensorSpec) -> TensorSpec:
         if t.name.startswith(("past_", "present_")):

@@ -116,8 +116,11 @@ def decoder_cases(spec, embed: np.ndarray, sample: TextSample, path, seed: int) 
     hidden = embed.shape[1]
 
     def feeds(ids, mask, pos, past):
+        pos = np.asarray(pos, np.int64)[None]
+        if spec.extra.get("rope_axes", 1) == 3:  # M-RoPE [3, 1, Q]: the three axes apart, as inside an image
+            pos = np.stack([pos, pos - pos % 3, pos + pos % 4])
         f = {"inputs_embeds": np.ascontiguousarray(embed[ids], dtype=np.float32)[None], "attention_mask": mask,
-             "position_ids": np.asarray(pos, np.int64)[None]}
+             "position_ids": pos}
         f.update(zip(past_names, past))
         return f
 
@@ -150,25 +153,25 @@ def validate_decoder(module, spec, path, cases) -> list[Check]:
     return checks
 
 
-def vision_shapes(spec, sizes=None) -> list[tuple]:
-    """The pixel_values shapes a vision graph is checked on: 1 and 3 fixed-size tiles, or one image at each of the
-    adapter's example sizes (a dynamic-size graph)."""
+def vision_examples(spec, sizes=None, seed: int = 0) -> list[tuple[str, dict]]:
+    """(case, feeds) a vision graph is checked on: 1 and 3 fixed-size tiles, or one image at each of the adapter's
+    example (height, width) sizes (a dynamic-size graph)."""
+    rng = np.random.default_rng(seed + 1)
     dims = spec.inputs[0].dims
     if sizes:
-        return [(1, dims[1], int(h), int(w)) for h, w in sizes]
-    return [(tiles, *dims[1:]) for tiles in (1, 3)]
+        shapes = [(f"{h}x{w}", (1, dims[1], int(h), int(w))) for h, w in sizes]
+    else:
+        shapes = [(f"tiles{t}", (t, *dims[1:])) for t in (1, 3)]
+    return [(case, {spec.inputs[0].name: rng.uniform(-1, 1, shape).astype(np.float32)}) for case, shape in shapes]
 
 
-def validate_vision(module, spec, path, seed: int = 0, sizes=None) -> list[Check]:
+def validate_vision(module, spec, path, examples: list[tuple[str, dict]]) -> list[Check]:
     sess = _session(path)
-    rng = np.random.default_rng(seed + 1)
     checks = []
-    for shape in vision_shapes(spec, sizes):
-        x = rng.uniform(-1, 1, shape).astype(np.float32)
+    for case, feeds in examples:
         with torch.no_grad():
-            ref = module(torch.from_numpy(x))
-        got = sess.run(None, {spec.inputs[0].name: x})
-        case = f"{shape[2]}x{shape[3]}" if sizes else f"tiles{shape[0]}"
+            ref = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        got = sess.run(None, feeds)
         checks += _compare("vision", case, spec, (ref,), got)
     return checks
 

@@ -1,6 +1,6 @@
 """Tiny Pixtral models built offline from transformers' own classes (``LlavaForConditionalGeneration`` with a
-``PixtralVisionModel`` tower and a Mistral text model, ``PixtralProcessor`` with Pixtral's PIL image processor), for
-tests. The processor needs torchvision (transformers declares it so): build these in the export-tv environment.
+``PixtralVisionModel`` tower and a Mistral text model, or with ``merge > 1`` Mistral-Small-3.1's
+``Mistral3ForConditionalGeneration``; ``PixtralProcessor`` with Pixtral's PIL image processor), for tests. The processor needs torchvision (transformers declares it so): build these in the export-tv environment.
 
 Dims follow transformers' own Pixtral tests (a 2-layer, 32-wide tower with axial 2-D rotary, a small text model);
 layouts differ in patch size, longest edge and the feature layer. The tokenizer is smolvlm-tiny's with Pixtral's
@@ -42,12 +42,14 @@ class TinyPixtralSpec:
     patch: int = 8
     longest_edge: int = 64      # at most 8 x 8 patches per image
     feature_layer: int = -1     # Pixtral-12B reads the tower's last layer
+    merge: int = 1              # > 1: Mistral-Small-3.1's layout (Mistral3ForConditionalGeneration, a patch merger)
     init_std: float = 0.1       # peaky random logits: varied greedy answers
     seed: int = 0
 
 
 def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralSpec()) -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor
+    from transformers import (LlavaConfig, LlavaForConditionalGeneration, Mistral3Config,
+                              Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor)
 
     from .tiny import load_tokenizer
     from .tiny_llava import _model, _save
@@ -56,11 +58,17 @@ def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralS
     tokenizer.add_tokens(PIXTRAL_TOKENS, special_tokens=True)
     out_dir = Path(out_dir)
     eos_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    config = LlavaConfig(
+    if spec.merge > 1:
+        cls, config_cls = Mistral3ForConditionalGeneration, Mistral3Config
+        layout = dict(spatial_merge_size=spec.merge)
+    else:
+        cls, config_cls = LlavaForConditionalGeneration, LlavaConfig
+        layout = dict(vision_feature_select_strategy="full")
+    config = config_cls(
         image_token_id=tokenizer.convert_tokens_to_ids("[IMG]"),
         vision_feature_layer=spec.feature_layer,
-        vision_feature_select_strategy="full",
         projector_hidden_act="gelu",
+        **layout,
         vision_config=dict(model_type="pixtral", hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
                            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
                            head_dim=spec.vision_hidden // spec.vision_heads, image_size=spec.longest_edge,
@@ -72,9 +80,9 @@ def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralS
                          rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
     )
-    model = _model(LlavaForConditionalGeneration, config, spec, tokenizer, eos_id)
+    model = _model(cls, config, spec, tokenizer, eos_id)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": spec.longest_edge},
                                                patch_size={"height": spec.patch, "width": spec.patch})
     processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
-                                 spatial_merge_size=1, chat_template=PIXTRAL_CHAT_TEMPLATE)
+                                 spatial_merge_size=spec.merge, chat_template=PIXTRAL_CHAT_TEMPLATE)
     return _save(out_dir, model, processor, spec)

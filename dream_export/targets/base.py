@@ -144,6 +144,23 @@ class TargetAdapter(ABC):
         cfg = self.model.config.vision_config
         return (cfg.num_channels, cfg.image_size, cfg.image_size)
 
+    def vision_graph(self, hidden: int, seed: int = 0):
+        """(GraphSpec, [(case, feeds)]): the vision graph's I/O and the inputs the export checks it on (and traces
+        it with). Fixed-size tiles, or one image per call at ``vision_sizes``; a family whose tower needs more
+        inputs than pixels (Qwen2.5-VL's window order) overrides this."""
+        from ..export.specs import vision_spec
+        from ..export.validate import vision_examples
+
+        sizes = self.vision_sizes()
+        spec = vision_spec(*self.vision_input_shape()[:2], int(self.preprocessing()["image_seq_len"]), hidden,
+                           dynamic_size=sizes is not None)
+        return spec, vision_examples(spec, sizes, seed)
+
+    def rope_axes(self) -> int:
+        """1: position_ids [1, Q]; 3: multimodal rotary (M-RoPE) position ids [3, 1, Q] (time, height, width),
+        which the runtime computes from the prompt's image grids (``runtime/rope.py``)."""
+        return 1
+
     def vision_sizes(self) -> list[tuple[int, int]] | None:
         """None: the vision graph takes a batch of fixed-size tiles (``vision_input_shape``). A family whose tower
         takes one image of its own size per call (Pixtral) returns example (height, width) sizes instead: the graph's

@@ -8,14 +8,16 @@ What Pixtral brings, as generic rules:
   (``TargetAdapter.vision_sizes``; the manifest's ``preprocessing.vision_call = "per_image"``);
 - the runtime's ``pixtral`` preprocessing kind (resize rule, row/break/end token layout), checked against
   transformers' ``PixtralProcessor`` (PIL backend) pixel for pixel and id for id.
-Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``: the same tower plus a 2x2 patch merger) is another model
-type and not covered here."""
+Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``: the same tower and prompt layout, plus a projector that
+merges each 2x2 square of patches into one token) is ``Mistral3Adapter`` below: the same rules with a token
+"patch" of patch x merge pixels."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import DreamExportError
 from .base import TargetAdapter, register_adapter
@@ -49,21 +51,24 @@ class PixtralAdapter(TargetAdapter):
         cfg = model.config
         if getattr(cfg.text_config, "model_type", "llama") not in ("llama", "mistral"):
             raise DreamExportError(f"Pixtral text model {cfg.text_config.model_type!r}: expected a Llama/Mistral text model")
-        if cfg.vision_feature_select_strategy != "full":
+        if getattr(cfg, "vision_feature_select_strategy", "full") != "full":
             raise DreamExportError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: expected "
                                    f"'full' (a Pixtral tower has no CLS token to drop)")
         merge = int(getattr(processor, "spatial_merge_size", 1) or 1)
-        if merge != 1:
-            raise DreamExportError(f"processor spatial_merge_size {merge}: expected 1 (LLaVA with a Pixtral tower; "
-                                   f"a patch merger is Mistral-Small-3.1's model type, not supported)")
+        if merge != self.model_merge():
+            raise DreamExportError(f"processor spatial_merge_size {merge} != the model's {self.model_merge()}")
         patch = _side(cfg.vision_config.patch_size)
-        if _side(processor.patch_size) != patch or _side(processor.image_processor.patch_size) != patch:
-            raise DreamExportError(f"processor patch size {processor.patch_size} / image processor "
-                                   f"{processor.image_processor.patch_size} != the tower's {patch}")
+        if _side(processor.patch_size) != patch:
+            raise DreamExportError(f"processor patch size {processor.patch_size} != the tower's {patch}")
         size = dict(processor.image_processor.size)
         if not size.get("longest_edge"):
             raise DreamExportError(f"image processor size {size}: expected longest_edge")
-        self.patch, self.longest_edge = patch, int(size["longest_edge"])
+        # one image token per patch x merge square: images are sized in whole token squares (as the processor does)
+        self.patch, self.longest_edge = patch * merge, int(size["longest_edge"])
+
+    def model_merge(self) -> int:
+        """Patches merged per side into one image token: none here (LLaVA with a Pixtral tower)."""
+        return 1
 
     @property
     def text_model(self):
@@ -93,6 +98,9 @@ class PixtralAdapter(TargetAdapter):
         return {
             "kind": "pixtral",
             "vision_call": "per_image",            # one image of its own size per vision call
+            # (min, opt, max) of the vision graph's dynamic dims (TensorRT's optimization profile)
+            "vision_profile": {"tiles": [1, 1, 1], "height": [self.patch, max(1, n // 2) * self.patch, n * self.patch],
+                               "width": [self.patch, max(1, n // 2) * self.patch, n * self.patch]},
             "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
             "do_resize": bool(ip.do_resize),
             "longest_edge": self.longest_edge,
@@ -120,5 +128,74 @@ class PixtralAdapter(TargetAdapter):
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
                                                   vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+
+
+class _Mistral3Vision(nn.Module):
+    """One image [1,3,H,W] -> image_embeds [1, (H/pm)*(W/pm), hidden], as ``Mistral3Model.get_image_features``: the
+    Pixtral tower, then the projector (RMSNorm, each merge x merge square of patches concatenated and merged, MLP).
+    The square gathering is written with reshapes (transformers uses ``unfold``, which opset 17 cannot export) in
+    ``unfold``'s channel order; the export checks the result against transformers' own."""
+
+    def __init__(self, model):
+        super().__init__()
+        cfg = model.config
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else [cfg.vision_feature_layer]
+        self.merge = int(cfg.spatial_merge_size)
+        self.patch = int(cfg.vision_config.patch_size)
+
+    def forward(self, pixel_values):
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = torch.cat([out.hidden_states[i] for i in self.layers], dim=-1)[0]      # [h*w, d]
+        proj, m = self.projector, self.merge
+        feats = proj.norm(feats)
+        h, w = pixel_values.shape[2] // self.patch, pixel_values.shape[3] // self.patch
+        d = feats.shape[-1]
+        grid = feats.reshape(h // m, m, w // m, m, d).permute(0, 2, 4, 1, 3).reshape((h // m) * (w // m), d * m * m)
+        x = proj.linear_2(proj.act(proj.linear_1(proj.patch_merger.merging_layer(grid))))
+        return x[None]
+
+
+@register_adapter
+class Mistral3Adapter(PixtralAdapter):
+    """Mistral-Small-3.1 (``Mistral3ForConditionalGeneration``): Pixtral's tower and prompt layout, with a projector
+    that merges each ``spatial_merge_size`` square of patches into one image token (the processor sizes images in
+    whole squares, and the prompt's grid counts squares)."""
+
+    model_types = ("mistral3",)
+    family = "mistral3"
+
+    @classmethod
+    def accepts(cls, config) -> bool:
+        return True
+
+    def model_merge(self) -> int:
+        return int(self.model.config.spatial_merge_size)
+
+    def vision_module(self):
+        return _Mistral3Vision(self.model)
+
+    def vision_graph(self, hidden: int, seed: int = 0):
+        spec, examples = super().vision_graph(hidden, seed)
+        module = self.vision_module().eval()
+        for case, feeds in examples:  # the reshape-based merge == transformers' unfold-based one
+            x = torch.from_numpy(feeds["pixel_values"])
+            if x.shape[2] * x.shape[3] == self.patch * self.patch:
+                continue  # one token: transformers' get_image_features squeezes it away and fails (its bug)
+            with torch.no_grad():
+                ours = module(x)[0]
+                theirs = self.hf_image_features(x, torch.tensor([list(x.shape[2:])]))
+            err = float((ours - theirs).abs().max())
+            if not err <= 1e-4 * max(1.0, float(theirs.abs().max())):
+                raise DreamExportError(f"the vision graph's module differs from transformers' get_image_features by "
+                                       f"{err:.2e} on a {case} image")
+        return spec, examples
+
+    def hf_image_features(self, pixel_values, image_sizes=None, **_):
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                  vision_feature_layer=self.model.config.vision_feature_layer)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])

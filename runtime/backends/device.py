@@ -222,7 +222,7 @@ class DeviceDecoder(DecoderRunner):
             widest = self.max_past + self.fixed_q
             f32 = 4
             sizes = {"inputs_embeds": self.fixed_q * self.hidden * f32, "attention_mask": self.fixed_q * widest * f32,
-                     "position_ids": self.fixed_q * 8, "logits": self.fixed_q * self.vocab * f32,
+                     "position_ids": 3 * self.fixed_q * 8, "logits": self.fixed_q * self.vocab * f32,
                      "hidden_states": self.fixed_q * self.hidden * f32, "attention_received": widest * f32}
             self._fixed_buffers = [memory.alloc(b) for b in sizes.values()]  # kept: they own the memory
             self._fixed_buffers += [memory.alloc(self.fixed_q * self.row_bytes) for _ in self.present_names]
@@ -255,7 +255,7 @@ class DeviceDecoder(DecoderRunner):
         dt = self.dtypes
         feeds = {"inputs_embeds": embeds.astype(dt["inputs_embeds"], copy=False),
                  "attention_mask": mask.astype(dt["attention_mask"], copy=False),
-                 "position_ids": np.asarray(positions, dt["position_ids"])[None]}
+                 "position_ids": self.position_feed(positions).astype(dt["position_ids"], copy=False)}
         inputs = {}
         for name, arr in feeds.items():
             arr = np.ascontiguousarray(arr)

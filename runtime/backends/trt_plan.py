@@ -99,12 +99,9 @@ class Plan:
             t = max_tiles(manifest)
             pre = manifest["preprocessing"]
             grid = math.ceil(int(pre["size_longest_edge"]) / int(pre["max_image_size"])) if pre.get("do_image_splitting") else 0
-            if pre.get("vision_call") == "per_image":  # one image at its own size per call (Pixtral)
-                p = int(pre["patch_size"])
-                side = -(-int(pre["longest_edge"]) // p) * p
-                opt = max(p, side // 2 // p * p)
-                plan.profiles["vision"] = [Profile("image", {"tiles": (1, 1, 1), "height": (p, opt, side),
-                                                             "width": (p, opt, side)})]
+            if pre.get("vision_profile"):  # one image at its own size per call (Pixtral, Qwen2.5-VL): the family's ranges
+                plan.profiles["vision"] = [Profile("image", {k: tuple(int(x) for x in v)
+                                                             for k, v in pre["vision_profile"].items()})]
             else:
                 plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, max(1, min(t, grid * grid + 1)), t)})]
         if "decoder" in graphs:
