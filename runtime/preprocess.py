@@ -506,7 +506,7 @@ class Qwen2VLPreprocessor(Idefics3Preprocessor):
     within a pixel budget, rescale, normalise, then patches flattened in merge-block order (each patch repeated
     over the temporal patch), one vision call per image. The prompt's ``<|image_pad|>`` becomes one token per
     merged patch; the vision graph also gets each patch's (row, col), the window order its windowed layers use,
-    and the window mask (``feeds``); ``token_grid`` gives the M-RoPE positions their rows and columns."""
+    each patch's window and the inverse order (``feeds``); ``token_grid`` gives the M-RoPE positions their rows and columns."""
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -546,12 +546,9 @@ class Qwen2VLPreprocessor(Idefics3Preprocessor):
         positions = np.stack([rows.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
                               cols.reshape(block).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
         order, cu = vision_windows(gh, gw, m, int(self.cfg["window_tokens"]))
-        n = gh * gw
-        mask = np.full((n, n), float(self.cfg["mask_min"]), np.float32)
-        for a, b in zip(cu[:-1], cu[1:]):
-            mask[a:b, a:b] = 0.0
+        window_ids = np.repeat(np.arange(len(cu) - 1), np.diff(cu))  # each patch's window, in window order
         return {"vision_positions": positions.astype(np.int64), "window_index": order.astype(np.int64),
-                "window_mask": mask[None, None], "reverse_index": np.argsort(order, kind="stable").astype(np.int64)}
+                "window_ids": window_ids.astype(np.int64), "reverse_index": np.argsort(order, kind="stable").astype(np.int64)}
 
     def token_grid(self, img: ProcessedImage) -> tuple[int, int]:
         return img.rows // self.merge, img.cols // self.merge

@@ -8,7 +8,7 @@ What Qwen2.5-VL brings, as generic rules:
   axes, draft-tree nodes at the last position plus depth, as transformers' ``get_rope_index`` does
   (``runtime/rope.py``);
 - a vision graph called once per image whose inputs, beside the patches, are what transformers computes in Python
-  loops from the grid (each patch's row/column, the window order, the window mask, its inverse): the runtime's
+  loops from the grid (each patch's row/column, the window order, each patch's window, the inverse order): the runtime's
   ``qwen2_vl`` preprocessing computes them in numpy, and the export checks the graph fed that way against
   transformers' own ``get_image_features``.
 Videos (``<|video_pad|>``, temporal positions by ``second_per_grid_ts``) are not supported yet: images only."""
@@ -35,7 +35,7 @@ class _QwenVision(nn.Module):
         super().__init__()
         self.visual = model.model.visual
 
-    def forward(self, pixel_values, vision_positions, window_index, window_mask, reverse_index):
+    def forward(self, pixel_values, vision_positions, window_index, window_ids, reverse_index):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
 
         v = self.visual
@@ -49,14 +49,16 @@ class _QwenVision(nn.Module):
         h = windowed(h)
         cos, sin = v.rotary_pos_emb(h, vision_positions)
         cos, sin = windowed(cos), windowed(sin)
-        full = torch.zeros_like(window_mask)
+        # window_ids: each patch's window (in window order); a patch attends within its window in windowed blocks
+        same = window_ids[:, None] == window_ids[None, :]
+        window_mask = torch.where(same, 0.0, VISION_MASK_MIN)[None, None].to(h.dtype)
         for i, blk in enumerate(v.blocks):
             attn = blk.attn
             x = blk.norm1(h)
             q, k, val = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
             q, k, val = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, val))
-            mask = full if i in v.fullatt_block_indexes else window_mask
+            mask = None if i in v.fullatt_block_indexes else window_mask  # one image: full attention is unmasked
             out, _ = eager_attention_forward(attn, q, k, val, attention_mask=mask, scaling=attn.scaling)
             h = h + attn.proj(out.reshape(n, -1))
             h = h + blk.mlp(blk.norm2(h))
@@ -121,7 +123,7 @@ class Qwen25VLAdapter(TargetAdapter):
             inputs=(TensorSpec("pixel_values", "float32", ("patches", dim)),
                     TensorSpec("vision_positions", "int64", ("patches", 2)),
                     TensorSpec("window_index", "int64", ("tokens",)),
-                    TensorSpec("window_mask", "float32", (1, 1, "patches", "patches")),
+                    TensorSpec("window_ids", "int64", ("patches",)),
                     TensorSpec("reverse_index", "int64", ("tokens",))),
             outputs=(TensorSpec("image_embeds", "float32", (1, "tokens", hidden)),),
             atol=1e-3)
@@ -141,7 +143,7 @@ class Qwen25VLAdapter(TargetAdapter):
         module = self.vision_module().eval()
         with torch.no_grad():
             ours = module(*(torch.from_numpy(feeds[k]) for k in
-                            ("pixel_values", "vision_positions", "window_index", "window_mask", "reverse_index")))[0]
+                            ("pixel_values", "vision_positions", "window_index", "window_ids", "reverse_index")))[0]
             theirs = self.hf_image_features(torch.from_numpy(feeds["pixel_values"]),
                                             torch.tensor([[1, grid[0], grid[1]]]))
         err = float((ours - theirs).abs().max())
@@ -167,7 +169,6 @@ class Qwen25VLAdapter(TargetAdapter):
             "merge_size": self.merge,
             "temporal_patch_size": int(ip.temporal_patch_size),
             "window_tokens": self.window_tokens,
-            "mask_min": VISION_MASK_MIN,
             "resample": int(ip.resample),
             "do_rescale": bool(ip.do_rescale),
             "rescale_factor": float(ip.rescale_factor),
