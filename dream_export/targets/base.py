@@ -18,6 +18,31 @@ VALIDATION_CONTINUATION = (" The table holds a red cup, a white plate with two s
                            " Behind them, a window lets in the morning light.")
 
 
+def pixel_rules(ip) -> dict[str, Any]:
+    """The rescale/normalise/resample fields every runtime preprocessing kind reads, from an HF image processor."""
+    return {
+        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
+        "do_resize": bool(ip.do_resize),
+        "resample": int(ip.resample),
+        "do_rescale": bool(ip.do_rescale),
+        "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize),
+        "image_mean": [float(v) for v in ip.image_mean],
+        "image_std": [float(v) for v in ip.image_std],
+    }
+
+
+def stacked_features(out):
+    """[n_image_tokens, H] from what a transformers ``get_image_features`` returns (an output whose
+    ``pooler_output`` is a tensor or one tensor per image, or those directly)."""
+    import torch
+
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, (list, tuple)):
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+    return feats.reshape(-1, feats.shape[-1])
+
+
 def register_adapter(cls):
     _ADAPTERS.append(cls)
     return cls
@@ -167,6 +192,22 @@ class TargetAdapter(ABC):
         height, width and token count are dynamic, it is exported at the first size and checked at each, and the
         manifest's ``preprocessing.vision_call`` is ``per_image``."""
         return None
+
+    def check_vision_module(self, cases) -> None:
+        """A vision module written from a family's pieces (not its own forward) == transformers'
+        ``get_image_features``: ``cases`` are (label, module inputs, ``hf_image_features`` kwargs)."""
+        from ..errors import DreamExportError
+        import torch
+
+        module = self.vision_module().eval()
+        for label, inputs, hf_kwargs in cases:
+            with torch.no_grad():
+                ours = module(*(torch.from_numpy(x) for x in inputs))[0]
+                theirs = self.hf_image_features(**hf_kwargs)
+            err = float((ours - theirs).abs().max())
+            if not err <= 1e-4 * max(1.0, float(theirs.abs().max())):
+                raise DreamExportError(f"the vision graph's module differs from transformers' get_image_features by "
+                                       f"{err:.2e} on a {label} image")
 
     @abstractmethod
     def hf_image_features(self, pixel_values, **processor_outputs):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import DreamExportError
-from .base import TargetAdapter, register_adapter
+from .base import TargetAdapter, register_adapter, stacked_features
 from .llava import clip_preprocessing
 
 
@@ -115,5 +115,4 @@ class Gemma3Adapter(TargetAdapter):
 
     def hf_image_features(self, pixel_values, **_):
         out = self.model.model.get_image_features(pixel_values=pixel_values)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return feats.reshape(-1, feats.shape[-1])
+        return stacked_features(out)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import DreamExportError
-from .base import TargetAdapter, register_adapter
+from .base import TargetAdapter, register_adapter, stacked_features
 
 
 class _Idefics3Vision(nn.Module):
@@ -113,9 +113,7 @@ class Idefics3Adapter(TargetAdapter):
     def hf_image_features(self, pixel_values, pixel_attention_mask=None, **_):
         """The image embeddings transformers' own forward puts at the image tokens ([n_image_tokens, H])."""
         out = self.model.model.get_image_features(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask)
-        img = out.pooler_output if hasattr(out, "pooler_output") else out
-        img = torch.cat(list(img)) if isinstance(img, (list, tuple)) else img
-        return img.reshape(-1, img.shape[-1])
+        return stacked_features(out)
 
 
 @register_adapter

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import DreamExportError
-from .base import TargetAdapter, register_adapter
+from .base import TargetAdapter, pixel_rules, register_adapter, stacked_features
 
 
 class _LlavaVision(nn.Module):
@@ -43,20 +43,13 @@ def clip_preprocessing(ip) -> dict[str, Any]:
         raise DreamExportError(f"image processor size {size}: expected shortest_edge or height/width")
     return {
         "kind": "clip",
-        "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-        "do_resize": bool(ip.do_resize),
+        **pixel_rules(ip),
         "shortest_edge": int(size["shortest_edge"]) if size.get("shortest_edge") else None,
         "resize_height": int(size["height"]) if size.get("height") else None,
         "resize_width": int(size["width"]) if size.get("width") else None,
-        "resample": int(ip.resample),
         "do_center_crop": bool(getattr(ip, "do_center_crop", False)),
         "crop_height": int(crop["height"]) if crop else None,
         "crop_width": int(crop["width"]) if crop else None,
-        "do_rescale": bool(ip.do_rescale),
-        "rescale_factor": float(ip.rescale_factor),
-        "do_normalize": bool(ip.do_normalize),
-        "image_mean": [float(v) for v in ip.image_mean],
-        "image_std": [float(v) for v in ip.image_std],
     }
 
 
@@ -117,8 +110,7 @@ class LlavaAdapter(TargetAdapter):
         cfg = self.model.config
         out = self.model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        return stacked_features(out)
 
 
 @register_adapter
@@ -159,5 +151,4 @@ class LlavaNextAdapter(LlavaAdapter):
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
                                                   vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        return stacked_features(out)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DreamExportError
-from .base import TargetAdapter, register_adapter
+from .base import TargetAdapter, pixel_rules, register_adapter, stacked_features
 
 VISION_MASK_MIN = -1e9  # the window mask's "blocked" value (FP32; softmax gives it weight 0)
 
@@ -135,21 +135,12 @@ class Qwen25VLAdapter(TargetAdapter):
         for gh, gw in grids:
             feeds = {"pixel_values": rng.uniform(-1, 1, (gh * gw, dim)).astype(np.float32), **pre.vision_feeds(gh, gw)}
             examples.append((f"{gh}x{gw}patches", feeds))
-        self._check_against_transformers(examples[0][1], grids[0])
+        names = ("pixel_values", "vision_positions", "window_index", "window_ids", "reverse_index")
+        self.check_vision_module([(f"{gh}x{gw}-patch", tuple(f[k] for k in names),  # the runtime's window order
+                                   {"pixel_values": torch.from_numpy(f["pixel_values"]),
+                                    "image_grid_thw": torch.tensor([[1, gh, gw]])})
+                                  for (gh, gw), (_, f) in zip(grids, examples)])
         return spec, examples
-
-    def _check_against_transformers(self, feeds: dict, grid) -> None:
-        """The graph's module fed the runtime's grid-derived inputs == transformers' get_image_features."""
-        module = self.vision_module().eval()
-        with torch.no_grad():
-            ours = module(*(torch.from_numpy(feeds[k]) for k in
-                            ("pixel_values", "vision_positions", "window_index", "window_ids", "reverse_index")))[0]
-            theirs = self.hf_image_features(torch.from_numpy(feeds["pixel_values"]),
-                                            torch.tensor([[1, grid[0], grid[1]]]))
-        err = float((ours - theirs).abs().max())
-        if not err <= 1e-4 * max(1.0, float(theirs.abs().max())):
-            raise DreamExportError(f"the vision graph's module differs from transformers' get_image_features by {err:.2e} "
-                                   f"on a {grid[0]}x{grid[1]}-patch image (window order or positions)")
 
     def preprocessing(self) -> dict[str, Any]:
         proc, ip = self.processor, self.processor.image_processor
@@ -161,20 +152,13 @@ class Qwen25VLAdapter(TargetAdapter):
             "vision_call": "per_image",
             "vision_profile": {"patches": [unit, max(unit, max_patches // 4), max_patches],
                                "tokens": [1, max(1, max_patches // 4 // unit), max_patches // unit]},
-            "do_convert_rgb": bool(getattr(ip, "do_convert_rgb", True)),
-            "do_resize": bool(ip.do_resize),
+            **pixel_rules(ip),
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
             "patch_size": self.patch,
             "merge_size": self.merge,
             "temporal_patch_size": int(ip.temporal_patch_size),
             "window_tokens": self.window_tokens,
-            "resample": int(ip.resample),
-            "do_rescale": bool(ip.do_rescale),
-            "rescale_factor": float(ip.rescale_factor),
-            "do_normalize": bool(ip.do_normalize),
-            "image_mean": [float(v) for v in ip.image_mean],
-            "image_std": [float(v) for v in ip.image_std],
             "image_seq_len": self.image_seq_len(),
             "tiles_per_image": 1,
             "image_token": proc.image_token,
@@ -185,5 +169,4 @@ class Qwen25VLAdapter(TargetAdapter):
 
     def hf_image_features(self, pixel_values, image_grid_thw=None, **_):
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        return stacked_features(out)
