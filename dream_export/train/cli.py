@@ -10,7 +10,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dream-train", description="Train a DREAM drafter for a target VLM.")
     p.add_argument("--model", required=True, help="target: alias, local folder or hub id (as dream-export)")
-    p.add_argument("--data", required=True, help="JSONL of {image, prompt}, a LLaVA-style JSON, or scenes:N")
+    p.add_argument("--data", required=True, help="JSONL of {image, prompt}, a LLaVA-style JSON, scenes:N, or "
+                   "selfinstruct:N (N requests the target writes itself from its chat template, Magpie-style)")
     p.add_argument("--out", type=Path, required=True, help="output folder (features/, checkpoint/, drafter/)")
     p.add_argument("--features", type=Path, help="feature cache folder (default OUT/features); trainings of the same "
                    "target and data may share one")
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (resumable)")
     t.add_argument("--arch", choices=["dream", "concat"], default="dream",
                    help="dream (cross-attention fusion) or concat (EAGLE-style ablation, trained the same way)")
+    t.add_argument("--init", type=Path, help="start from this drafter's weights (its folder or another dream-train "
+                   "--out); the MLP width is taken from it")
     return p
 
 
@@ -55,17 +58,37 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         source, _ = resolve_model(args.model)
         model, processor = load_target(source)
-        samples = load_samples(args.data, seed=args.seed)
+        if args.data.startswith("selfinstruct:"):
+            from .data import Sample
+            from .selfinstruct import cached_self_instructions
+
+            try:
+                n = int(args.data.split(":", 1)[1])
+            except ValueError as exc:
+                raise DreamExportError(f"--data {args.data!r}: expected selfinstruct:N with N a number of requests") from exc
+            samples = [Sample([], p) for p in cached_self_instructions(model, processor, n, args.seed,
+                                                                       args.out / "selfinstruct.json")]
+        else:
+            samples = load_samples(args.data, seed=args.seed)
         if len(samples) <= args.heldout:
             raise DreamExportError(f"--data has {len(samples)} samples; expected more than --heldout {args.heldout}")
-        cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual, arch=args.arch)
+        width = {}
+        if args.init is not None:
+            from ..cli import _drafter_folder
+
+            args.init = _drafter_folder(args.init)
+            if not (args.init / "drafter_config.json").is_file():
+                raise DreamExportError(f"--init {args.init}: expected a drafter folder (drafter_config.json, "
+                                       "model.safetensors) or a dream-train --out folder holding one")
+            width = {"intermediate_size": DrafterConfig.load(args.init).intermediate_size}
+        cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual, arch=args.arch, **width)
         fingerprint = {"model": str(source), "data": args.data, "seed": args.seed, "weights": _weights_digest(source)}
         shards = build_cache(model, processor, samples, args.features or args.out / "features", cfg.mid_layer_candidates,
                              max_new_tokens=args.max_new_tokens, fingerprint=fingerprint)
         examples = load_examples(shards)
         train, held = examples[: -args.heldout], examples[-args.heldout:]
         opts = TrainOptions(out=args.out, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                            keep_visual=args.keep_visual, max_minutes=args.max_minutes)
+                            keep_visual=args.keep_visual, max_minutes=args.max_minutes, init=args.init)
         final = train_drafter(model, train, held, opts, cfg)
         print(f"drafter written: {final}")
     except DreamExportError as exc:

@@ -21,6 +21,7 @@ class Sample:
     prompt: str
     temperature: float = 0.0  # the target's answer: greedy (0) or sampled at this temperature (top-p 0.95) ...
     seed: int = 0             # ... with this seed: more of the target's own text from the same prompts
+    answer: list | None = None  # the target's own greedy answer ids when already generated (batched: selfinstruct)
 
 
 def load_samples(spec: str, seed: int = 0) -> list[Sample]:

@@ -43,7 +43,9 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
     # an answer never holds the image token (an untrained target can emit it; the forward below would then expect
     # image features for it)
     no_image = {"suppress_tokens": [int(model.config.image_token_id)]}
-    if sample.temperature > 0:
+    if sample.answer is not None:  # generated beforehand, in a batch (greedy_answers)
+        out = torch.cat([enc["input_ids"], torch.tensor([sample.answer], dtype=enc["input_ids"].dtype)], dim=1)
+    elif sample.temperature > 0:
         torch.manual_seed(sample.seed)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=sample.temperature,
                              top_p=0.95, top_k=0, **no_image)
@@ -79,10 +81,12 @@ def target_features(model, processor, sample: Sample, candidates: list[int], max
 
 
 def build_cache(model, processor, samples: list[Sample], out: Path, candidates: list[int], shard_size: int = 64,
-                max_new_tokens: int = 64, fingerprint: dict | None = None) -> list[Path]:
+                max_new_tokens: int = 64, fingerprint: dict | None = None, answer_batch: int = 32) -> list[Path]:
     """Write shards out/shard_XXXXX.safetensors; existing complete shards are kept (resume). ``fingerprint``
     (target, data, settings) is stored in out/cache.json: a folder made for anything else is refused, so
-    several trainings (e.g. ablations) can share one cache without ever mixing targets or data."""
+    several trainings (e.g. ablations) can share one cache without ever mixing targets or data.
+    Greedy answers to a shard's text-only prompts are generated ``answer_batch`` at a time (``greedy_answers``);
+    1 generates each alone."""
     from rich.progress import Progress
     from safetensors.torch import save_file
 
@@ -90,7 +94,7 @@ def build_cache(model, processor, samples: list[Sample], out: Path, candidates: 
 
     out.mkdir(parents=True, exist_ok=True)
     stamp = {**(fingerprint or {}), "candidates": list(candidates), "max_new_tokens": max_new_tokens,
-             "shard_size": shard_size, "samples": len(samples)}
+             "shard_size": shard_size, "samples": len(samples), "answer_batch": answer_batch}
     meta = out / "cache.json"
     if meta.is_file():
         have = json.loads(meta.read_text())
@@ -113,6 +117,7 @@ def build_cache(model, processor, samples: list[Sample], out: Path, candidates: 
             path = out / f"shard_{s:05d}.safetensors"
             chunk = samples[s * shard_size:(s + 1) * shard_size]
             if not path.exists():
+                chunk = _batch_answers(model, processor, chunk, max_new_tokens, answer_batch)
                 tensors = {}
                 for i, sample in enumerate(chunk):
                     for k, v in target_features(model, processor, sample, candidates, max_new_tokens).items():
@@ -125,6 +130,23 @@ def build_cache(model, processor, samples: list[Sample], out: Path, candidates: 
                 progress.advance(task, len(chunk))
             shards.append(path)
     return shards
+
+
+def _batch_answers(model, processor, chunk: list[Sample], max_new_tokens: int, batch: int) -> list[Sample]:
+    """``chunk`` with the greedy answers of its text-only samples filled in, generated in batches."""
+    from dataclasses import replace
+
+    from .selfinstruct import greedy_answers
+
+    todo = [i for i, s in enumerate(chunk) if not s.images and s.temperature == 0 and s.answer is None]
+    if batch <= 1 or len(todo) < 2:
+        return chunk
+    answers = greedy_answers(model, processor, [chunk[i].prompt for i in todo], max_new_tokens, batch,
+                             suppress=[int(model.config.image_token_id)])
+    chunk = list(chunk)
+    for i, a in zip(todo, answers):
+        chunk[i] = replace(chunk[i], answer=a)
+    return chunk
 
 
 def load_examples(shards: list[Path]) -> list[dict]:

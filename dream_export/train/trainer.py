@@ -42,6 +42,8 @@ class TrainOptions:
     max_minutes: float | None = None
     prompt_loss: bool = False     # also learn at the prompt's text positions (the target's features are there too)
     stop_step: int | None = None  # stop here although the schedule runs to ``steps`` (ablations matched to a timed run)
+    init: Path | None = None      # start from this drafter folder's weights (same architecture; its head is not
+                                  # stored, so the draft vocabulary may differ), unless a checkpoint resumes
 
 
 def _keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
@@ -147,6 +149,19 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
         load_strict(drafter, load_file(ckpt / "model.safetensors"), str(ckpt))
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
+    elif opts.init is not None:
+        from safetensors.torch import load_file
+
+        from ..drafter.model import load_strict
+
+        init = Path(opts.init)
+        have = DrafterConfig.load(init)
+        if (have.arch, have.hidden_size, have.intermediate_size) != (cfg.arch, cfg.hidden_size, cfg.intermediate_size):
+            from ..errors import DreamExportError
+
+            raise DreamExportError(f"{init}: drafter {have.arch} {have.hidden_size}x{have.intermediate_size} cannot "
+                                   f"start a {cfg.arch} {cfg.hidden_size}x{cfg.intermediate_size} one")
+        load_strict(drafter, {k: v.float() for k, v in load_file(init / "model.safetensors").items()}, str(init))
     accel = Accelerator() if Accelerator is not None else None
     if accel is not None:
         drafter, opt = accel.prepare(drafter, opt)
