@@ -34,11 +34,17 @@ def entropy_select(attentions, hidden_states, candidates: list[int]):
     return selected, torch.tensor(candidates)[choice]
 
 
+def chat_text(processor, prompt: str, n_images: int = 0, generation_prompt: bool = True) -> str:
+    """One user turn (``n_images`` images, then ``prompt``) through the target's chat template: how every
+    training prompt is written (here and in ``selfinstruct``)."""
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+
+
 @torch.no_grad()
 def target_features(model, processor, sample: Sample, candidates: list[int], max_new_tokens: int = 64) -> dict:
     images = open_images(sample)
-    messages = [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sample.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    text = chat_text(processor, sample.prompt, len(images))
     enc = processor(text=text, images=[images] if images else None, return_tensors="pt")
     # an answer never holds the image token (an untrained target can emit it; the forward below would then expect
     # image features for it)

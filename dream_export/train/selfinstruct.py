@@ -22,26 +22,27 @@ from pathlib import Path
 import torch
 
 from ..errors import DreamExportError
+from .features import chat_text
 
 _MARK = "\x00dream-export-user-text\x00"
 
 
-def _template_text(processor, prompt: str, generation_prompt: bool) -> str:
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
-
-
 def pre_query_prefix(processor) -> str:
     """The chat template's text up to where a user's request begins (system prompt and user header included)."""
-    full = _template_text(processor, _MARK, False)
+    full = chat_text(processor, _MARK, generation_prompt=False)
     if _MARK not in full:
         raise DreamExportError("the chat template does not place the user's text verbatim; self-instructions need it")
     return full[: full.index(_MARK)]
 
 
-def _end_ids(model, tokenizer) -> set[int]:
+def _config_eos(model) -> set[int]:
+    """The end ids ``generate`` stops at by default (the generation config's)."""
     eos = model.generation_config.eos_token_id
-    ids = set() if eos is None else {int(i) for i in torch.atleast_1d(torch.tensor(eos))}
+    return set() if eos is None else {int(i) for i in torch.atleast_1d(torch.tensor(eos))}
+
+
+def _end_ids(model, tokenizer) -> set[int]:
+    ids = _config_eos(model)
     for name in ("<|im_end|>", "<end_of_utterance>", "<end_of_turn>", "<|eot_id|>", "</s>"):
         tid = tokenizer.convert_tokens_to_ids(name)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
@@ -123,9 +124,9 @@ def greedy_answers(model, processor, prompts: list[str], max_new_tokens: int, ba
     ``features.target_features`` tokenizes them (the processor on the chat template's text) and batched by length,
     so little padding is computed."""
     tok = processor.tokenizer
-    stops = {int(i) for i in torch.atleast_1d(torch.tensor(model.generation_config.eos_token_id))}
-    pad = _pad_id(tok, stops)
-    rows = [processor(text=_template_text(processor, p, True), return_tensors="pt")["input_ids"][0] for p in prompts]
+    stops = _config_eos(model)
+    pad = _pad_id(tok, stops or _end_ids(model, tok))
+    rows = [processor(text=chat_text(processor, p), return_tensors="pt")["input_ids"][0] for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     answers: list[list[int] | None] = [None] * len(rows)
     for s in range(0, len(order), batch):
