@@ -36,13 +36,25 @@ def test_batched_greedy_answers_equal_generate_one_at_a_time(learnable):
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = sorted({*torch.atleast_1d(torch.tensor(eos)).tolist(), free[0][6]})
     try:
-        batched = greedy_answers(model, processor, PROMPTS, max_new_tokens=20, batch=4, suppress=suppress)
-        for prompt, answer in zip(PROMPTS, batched):
+        # drain 0: every batch runs to its longest answer; 0.75: a batch stops as soon as one of its rows has ended and the
+        # rest continue from their partial answers in later batches
+        calls = []
+        generate = model.generate
+        model.generate = lambda *a, **k: calls.append(k["input_ids"].shape) or generate(*a, **k)  # counts the batches
+        try:
+            batched = greedy_answers(model, processor, PROMPTS, max_new_tokens=20, batch=4, suppress=suppress, drain=0.0)
+            plain_rows, calls[:] = sum(c[0] for c in calls), []
+            drained = greedy_answers(model, processor, PROMPTS, max_new_tokens=20, batch=4, suppress=suppress, drain=0.75)
+        finally:
+            del model.generate
+        assert plain_rows == len(PROMPTS) < sum(c[0] for c in calls)  # carried-over rows ran again in later batches
+        for prompt, answer, other in zip(PROMPTS, batched, drained):
             one = target_features(model, processor, Sample([], prompt), [0], max_new_tokens=20)
-            assert answer == one["input_ids"][int(one["prompt_len"][0]):].tolist(), prompt
+            assert answer == other == one["input_ids"][int(one["prompt_len"][0]):].tolist(), prompt
     finally:
         model.generation_config.eos_token_id = eos
     assert len({len(a) for a in batched}) > 1 and min(len(a) for a in batched) < 20
+    assert max(len(a) for a in batched) == 20  # some answers ran to the limit: draining carried them over
 
 
 def test_feature_cache_batches_text_answers_without_changing_them(learnable, tmp_path):
@@ -74,18 +86,21 @@ def test_self_instructions_refuse_a_model_that_never_ends_its_turn(learnable):
 
 
 @pytest.mark.slow
-def test_dream_train_selfinstruct_data(tmp_path):
+def test_dream_train_selfinstruct_data(tmp_path, capsys):
     """``dream-train --data selfinstruct:N`` on real weights: N requests written once, a drafter trained on them."""
     from dream_export.train.cli import main
 
     args = ["--model", "smolvlm-smollm2", "--data", "selfinstruct:10", "--heldout", "2", "--steps", "2", "--batch", "2",
             "--max-new-tokens", "12", "--out", str(tmp_path)]
     assert main(args) == 0
+    assert "held-out agreement over" in capsys.readouterr().out
     requests = json.loads((tmp_path / "selfinstruct.json").read_text())["requests"]
     assert len(requests) == 10 and (tmp_path / "drafter" / "model.safetensors").is_file()
     mtime = (tmp_path / "selfinstruct.json").stat().st_mtime_ns
     assert main(args) == 0 and (tmp_path / "selfinstruct.json").stat().st_mtime_ns == mtime  # read back, not rewritten
     assert main([*args[:3], "selfinstruct:ten", *args[4:]]) == 2
+    assert main([*args[:3], "selfinstruct:10:openrs", *args[4:]]) == 2
+    assert "selfinstruct:N:openers" in capsys.readouterr().err
     # --init: the folder given to --out above; the warm start (0 steps) is exactly its drafter
     from safetensors.torch import load_file
 
@@ -112,6 +127,11 @@ def test_self_instructions_on_real_weights():
     assert all(len(q.split()) >= 3 and "<|im_" not in q for q in first)
     answers = greedy_answers(model, processor, first[:4], max_new_tokens=48, batch=4)
     assert all(len(a) > 1 for a in answers)
+    # openers: each round's requests begin with the round's opener, and the model writes on after it
+    begun = self_instructions(model, processor, 12, seed=3, batch=8, max_new_tokens=48, openers=("Why", "Describe"))
+    assert len(begun) == 12 and all(q.startswith(("Why", "Describe")) for q in begun)
+    assert any(q.startswith("Why") for q in begun) and any(q.startswith("Describe") for q in begun)  # 8 per round
+    assert all(len(q.split()) >= 3 for q in begun) and begun != first
 
 
 def test_training_starts_from_another_drafters_weights(learnable, tmp_path):

@@ -128,3 +128,37 @@ def test_data_sources(tmp_path):
             load_samples(str(tmp_path / "bad.jsonl"))
     with pytest.raises(DreamExportError, match="scenes:N"):
         load_samples("scenes:many")
+
+
+def test_agreement_is_the_drafters_next_token_guess_position_by_position(cached):
+    """``agreement`` (teacher-forced top-k over whole sequences, draft vocabulary mapped to target ids) equals
+    running the drafter on each answer prefix alone and comparing its last guess with the target's next token."""
+    from dream_export.drafter.model import DrafterConfig, DreamDrafter, full_sequence_masks
+    from dream_export.train.trainer import _keep_mask, agreement
+
+    model, _, out, shards, cfg = cached
+    examples = load_examples(shards)[:4]
+    image = model.config.image_token_id
+    vocab = list(range(0, model.config.text_config.vocab_size, 2))  # odd ids cannot be drafted
+    cfg2 = DrafterConfig.for_target(model.config.text_config, draft_vocab=vocab)
+    trained = train_drafter(model, examples, [], TrainOptions(out=out / "agree", steps=30, lr=3e-3, batch=2), cfg2)
+    drafter = DreamDrafter.load(trained, model.lm_head.weight)
+    got = agreement(drafter, examples, image, 0.75, ks=(1, 3))
+    hits1 = hits3 = n = even = 0
+    with torch.no_grad():
+        for ex in examples:
+            ids, p0 = ex["input_ids"], int(ex["prompt_len"][0])
+            keep = _keep_mask(ex, image, 0.75)
+            for i in range(p0 - 1, len(ids) - 1):  # the query at i (token x_i) guesses x_{i+1}
+                sm, cm = full_sequence_masks(i + 1, keep[: i + 1])
+                logits = drafter(ex["embeds"][None, : i + 1], torch.arange(i + 1)[None], sm,
+                                 ex["features"][None, : i + 1], cm, *drafter.empty_past())[0][0, -1]
+                top = [vocab[j] for j in logits.topk(3).indices.tolist()]
+                truth = int(ids[i + 1])
+                hits1 += truth == top[0]
+                hits3 += truth in top
+                even += truth % 2 == 0
+                n += 1
+    assert got["tokens"] == n and got["in_vocab"] == round(even / n, 4)
+    assert got["top1"] == round(hits1 / n, 4) and got["top3"] == round(hits3 / n, 4)
+    assert 0 < got["top1"] <= got["top3"] <= got["in_vocab"] < 1

@@ -11,7 +11,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dream-train", description="Train a DREAM drafter for a target VLM.")
     p.add_argument("--model", required=True, help="target: alias, local folder or hub id (as dream-export)")
     p.add_argument("--data", required=True, help="JSONL of {image, prompt}, a LLaVA-style JSON, scenes:N, or "
-                   "selfinstruct:N (N requests the target writes itself from its chat template, Magpie-style)")
+                   "selfinstruct:N (N requests the target writes itself from its chat template, Magpie-style; "
+                   "selfinstruct:N:openers begins them with common question and task openers)")
     p.add_argument("--out", type=Path, required=True, help="output folder (features/, checkpoint/, drafter/)")
     p.add_argument("--features", type=Path, help="feature cache folder (default OUT/features); trainings of the same "
                    "target and data may share one")
@@ -60,14 +61,19 @@ def main(argv=None) -> int:
         model, processor = load_target(source)
         if args.data.startswith("selfinstruct:"):
             from .data import Sample
-            from .selfinstruct import cached_self_instructions
+            from .selfinstruct import OPENERS, cached_self_instructions
 
+            parts = args.data.split(":")
             try:
-                n = int(args.data.split(":", 1)[1])
+                n = int(parts[1])
+                if parts[2:] not in ([], ["openers"]):
+                    raise ValueError(parts[2:])
             except ValueError as exc:
-                raise DreamExportError(f"--data {args.data!r}: expected selfinstruct:N with N a number of requests") from exc
+                raise DreamExportError(f"--data {args.data!r}: expected selfinstruct:N or selfinstruct:N:openers with N "
+                                       "a number of requests") from exc
             samples = [Sample([], p) for p in cached_self_instructions(model, processor, n, args.seed,
-                                                                       args.out / "selfinstruct.json")]
+                                                                       args.out / "selfinstruct.json",
+                                                                       openers=OPENERS if parts[2:] else None)]
         else:
             samples = load_samples(args.data, seed=args.seed)
         if len(samples) <= args.heldout:
@@ -91,6 +97,14 @@ def main(argv=None) -> int:
                             keep_visual=args.keep_visual, max_minutes=args.max_minutes, init=args.init)
         final = train_drafter(model, train, held, opts, cfg)
         print(f"drafter written: {final}")
+        if held:
+            from ..drafter.model import DreamDrafter
+            from .trainer import agreement
+
+            a = agreement(DreamDrafter.load(final, model.lm_head.weight), held, model.config.image_token_id,
+                          args.keep_visual)
+            print(f"held-out agreement over {a['tokens']} answer tokens: top-1 {a['top1']:.3f}, top-4 {a['top4']:.3f}, "
+                  f"in the draft vocabulary {a['in_vocab']:.3f}")
     except DreamExportError as exc:
         print(f"dream-train: error: {exc}", file=sys.stderr)
         return 2

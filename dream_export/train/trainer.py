@@ -123,6 +123,32 @@ def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id
     return float(sum(lengths) / max(len(lengths), 1))
 
 
+@torch.no_grad()
+def agreement(drafter: DreamDrafter, examples: list[dict], image_token_id: int, keep: float, ks=(1, 4)) -> dict:
+    """Teacher-forced agreement on the answers of ``examples``: how often the target's next token (the answer is
+    its own greedy output) is the drafter's top-1 / among its top-k, with the target's real features as memory;
+    and how often it is in the draft vocabulary at all. It bounds what any tree of that width accepts."""
+    drafter.eval()
+    d2t = torch.tensor(drafter.config.draft_vocab) if drafter.config.draft_vocab else None
+    vocab = set(drafter.config.draft_vocab or [])
+    hits = {k: 0 for k in ks}
+    n = covered = 0
+    for ex in examples:
+        ids, p0 = ex["input_ids"], int(ex["prompt_len"][0])
+        self_mask, cross_mask = full_sequence_masks(len(ids), _keep_mask(ex, image_token_id, keep))
+        out = drafter(ex["embeds"][None], torch.arange(len(ids))[None], self_mask, ex["features"][None], cross_mask,
+                      *drafter.empty_past())
+        top = out[0][0, p0 - 1: len(ids) - 1].topk(max(ks), dim=-1).indices
+        if d2t is not None:
+            top = d2t[top]
+        truth = ids[p0:]
+        for k in ks:
+            hits[k] += int((top[:, :k] == truth[:, None]).any(-1).sum())
+        n += len(truth)
+        covered += len(truth) if d2t is None else sum(int(t) in vocab for t in truth)
+    return {"tokens": n, **{f"top{k}": round(hits[k] / max(n, 1), 4) for k in ks}, "in_vocab": round(covered / max(n, 1), 4)}
+
+
 def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainOptions, cfg: DrafterConfig | None = None) -> Path:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
