@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +61,11 @@ def summarize(runs: list[dict]) -> dict:
 
 # --- systems ---------------------------------------------------------------------------------------
 
-def run_ours(bundle: Path, items, speculative: bool, threads: int, max_new: int) -> list[dict]:
+def run_ours(bundle: Path, items, speculative: bool, threads: int, max_new: int, tree=None) -> list[dict]:
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, threads=threads)
+    pipe.tree_spec = tree  # None: the bundle's own tree
     pipe.warm(speculative)
     pipe.generate(*items[0], max_new_tokens=8, speculative=speculative)  # warm-up, untimed
     runs = []
@@ -230,6 +231,7 @@ def main(argv=None):
     from dream_export.presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
     from runtime.chat import render, user_turn
     from runtime.pipeline import Pipeline
+    from runtime.tree import TreeSpec
 
     model_dir = ensure_smolvlm_smollm2()
     rows, notes = [], {}
@@ -252,10 +254,15 @@ def main(argv=None):
                 plain = run_ours(Path(bundle), items, False, args.threads, args.max_new_tokens)
                 add(f"dream-run {precision}, plain", set_name, plain, precision=precision)
                 if Pipeline.from_bundle(bundle, warm=False).has_drafter:
-                    spec = run_ours(Path(bundle), items, True, args.threads, args.max_new_tokens)
-                    same = all(a["ids"] == b["ids"] for a, b in zip(spec, plain))
-                    add(f"dream-run {precision}, DREAM", set_name, spec, precision=precision, lossless=same,
-                        tree=Pipeline.from_bundle(bundle, warm=False).bundle.manifest["tree"])
+                    tree = TreeSpec.from_json(Pipeline.from_bundle(bundle, warm=False).bundle.manifest["tree"])
+                    variants = [("DREAM" + (" + lookup" if tree.lookup else ""), None)]
+                    if tree.lookup:  # the drafter's tree alone too: what DREAM itself accepts
+                        variants.append(("DREAM without lookup", replace(tree, lookup=0)))
+                    for label, spec_tree in variants:
+                        spec = run_ours(Path(bundle), items, True, args.threads, args.max_new_tokens, spec_tree)
+                        same = all(a["ids"] == b["ids"] for a, b in zip(spec, plain))
+                        add(f"dream-run {precision}, {label}", set_name, spec, precision=precision, lossless=same,
+                            tree=(spec_tree or tree).to_json())
         if "transformers" not in skip:
             for set_name, items in sets.items():
                 add("transformers generate (fp32)", set_name, run_transformers(model_dir, items, args.threads, args.max_new_tokens))
@@ -279,7 +286,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     chart(rows, args.out.with_suffix(".png"))
-    print(f"\n| system | prompts | decode tok/s | ttft ms | τ |\n|---|---|---|---|---|")
+    print("\n| system | prompts | decode tok/s | ttft ms | τ |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['system']} ({r['set']}) | {r['prompts']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} | "
               f"{r.get('mean_accept_length', '')} |")

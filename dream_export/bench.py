@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--threads", type=int, help="ORT threads for every system (default: the DREAM bundle's tuned value)")
     ap.add_argument("--repeats", type=int, default=2, help="passes per system; the fastest is kept")
-    ap.add_argument("--tree", help="N,D,K for every speculative system (default: each bundle's own tree)")
+    ap.add_argument("--tree", help="N,D,K[,L] for every speculative system (default: each bundle's own tree)")
     args = ap.parse_args(argv)
     if args.threads is None:
         manifest = json.loads((args.bundle / "manifest.json").read_text())
@@ -175,7 +175,10 @@ def main(argv=None) -> int:
         if args.tree:
             from runtime.tree import TreeSpec
 
-            tree = TreeSpec(*(int(x) for x in args.tree.split(",")))
+            try:
+                tree = TreeSpec.parse(args.tree)
+            except ValueError as exc:
+                raise SystemExit(f"dream-bench: --{exc}") from exc
         run = lambda bundle, spec: run_runtime(bundle, examples, paths, spec, args.max_new_tokens, args.threads,  # noqa: E731
                                                args.repeats, tree)
         results["runtime, no speculation"] = run(args.bundle, False)

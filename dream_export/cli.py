@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drafter", type=Path, help="drafter folder written by dream-train (adds speculative decoding); "
                    "smolvlm-tiny uses its shipped trained drafter unless --no-drafter")
     d.add_argument("--no-drafter", action="store_true", help="export the target only")
-    d.add_argument("--tree", type=_tree, help="draft tree N,D,K: total verified tokens, depth, top-k (default 32,6,4)")
+    d.add_argument("--tree", type=_tree, help="draft tree N,D,K[,L]: total verified tokens, depth, top-k, and up to L of the N "
+                   "copied from the context by prompt lookup (default 32,6,4; a shipped drafter's tuned tree)")
     d.add_argument("--tune", action="store_true",
                    help="measure verify/draft costs and acceptance on this machine and write the best tree to the manifest")
     d.add_argument("--tune-data", help="what --tune measures on (any dream-train --data source: JSONL, LLaVA JSON, "
@@ -46,10 +47,9 @@ def _tree(text: str):
     from runtime.tree import TreeSpec
 
     try:
-        n, d, k = (int(x) for x in text.split(","))
-        return TreeSpec(n, d, k)
+        return TreeSpec.parse(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--tree {text!r}: expected three positive integers N,D,K such as 32,6,4") from exc
+        raise argparse.ArgumentTypeError(f"--{exc}") from exc
 
 
 def _drafter_folder(path: Path | None) -> Path | None:

@@ -13,22 +13,42 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """Total verified tokens N (root included), draft depth D, top-k K per expansion (EAGLE-2 dynamic tree)."""
+    """Total verified tokens N (root included), draft depth D, top-k K per expansion (EAGLE-2 dynamic tree);
+    ``lookup`` L: up to L of the N nodes may be a copy of what followed the context's latest earlier occurrence
+    of its last tokens (prompt lookup, ``speculative.lookup_continuation``), 0 = the drafter's tree alone."""
 
     total_tokens: int = 32
     depth: int = 6
     top_k: int = 4
+    lookup: int = 0
 
     def __post_init__(self):
         if self.total_tokens < 1 or self.depth < 1 or self.top_k < 1:
             raise ValueError(f"TreeSpec needs positive N, D, K; got {self}")
+        if self.lookup < 0:
+            raise ValueError(f"TreeSpec lookup must be >= 0; got {self}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not self.lookup:  # manifests written before lookup existed read the same
+            data.pop("lookup")
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "TreeSpec":
         return cls(**data)
+
+    @classmethod
+    def parse(cls, text: str) -> "TreeSpec":
+        """``N,D,K`` or ``N,D,K,L`` (L: prompt-lookup tokens), as the command lines take it."""
+        try:
+            parts = [int(x) for x in text.split(",")]
+            if len(parts) not in (3, 4):
+                raise ValueError(text)
+            return cls(*parts)
+        except ValueError as exc:
+            raise ValueError(f"tree {text!r}: expected N,D,K or N,D,K,L (positive total tokens, depth, top-k; "
+                             f"L >= 0 prompt-lookup tokens), such as 32,6,4 or 8,3,2,8") from exc
 
 
 def depths(parents: np.ndarray) -> np.ndarray:

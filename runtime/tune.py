@@ -1,4 +1,4 @@
-"""Pick the draft tree (N, D, K) and the ONNX Runtime thread count for this machine, from measurements.
+"""Pick the draft tree (N, D, K, prompt lookup L) and the ONNX Runtime thread count for this machine, from measurements.
 
 For each thread count (1 and all cores) plain decoding is timed on the calibration prompts; then, with
 the faster one, each candidate TreeSpec decodes the same prompts speculatively (greedy). Two numbers
@@ -25,6 +25,8 @@ from .tree import TreeSpec, causal_mask
 CANDIDATES = [
     TreeSpec(4, 3, 1), TreeSpec(6, 5, 1), TreeSpec(8, 3, 2), TreeSpec(8, 4, 2), TreeSpec(12, 4, 3),
     TreeSpec(16, 5, 4), TreeSpec(16, 6, 2), TreeSpec(24, 6, 4), TreeSpec(32, 6, 4),
+    # the same verify sizes with prompt lookup (up to 8 of the N nodes copied from the context)
+    TreeSpec(4, 3, 1, 8), TreeSpec(8, 3, 2, 8), TreeSpec(12, 4, 3, 8), TreeSpec(16, 5, 4, 8),
 ]
 
 

@@ -50,15 +50,29 @@ def _pool(counts, expected, min_expected=5.0):
     return np.array(obs), np.array(exp)
 
 
-@pytest.mark.parametrize("unrolled", [False, True], ids=["stepwise", "unrolled"])
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
-def test_first_and_second_token_distributions(tiny_vocab_bundle, images, temperature, top_p, unrolled):
+CASES = [(unrolled, t, p, 0) for unrolled in (False, True) for t, p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.9))]
+CASES += [(False, 1.0, 1.0, 4), (True, 0.7, 1.0, 4)]  # with prompt lookup: copied tokens among the drafted ones
+
+
+@pytest.mark.parametrize("unrolled,temperature,top_p,lookup", CASES,
+                         ids=lambda v: str(v) if not isinstance(v, bool) else ("unrolled" if v else "stepwise"))
+def test_first_and_second_token_distributions(tiny_vocab_bundle, images, temperature, top_p, unrolled, lookup):
     pipe = Pipeline.from_bundle(tiny_vocab_bundle)
     cfg = SamplingConfig(temperature, top_p, seed=0)
     rng = np.random.default_rng(1234)
     prep = pipe.prepare([str(images["coffee"])], "What color is the circle?")
     embeds = pipe.prompt_embeds(prep)
-    spec = SpeculativeDecoder(pipe, TreeSpec(6, 3, 3), cfg, rng, unrolled=unrolled)
+    spec = SpeculativeDecoder(pipe, TreeSpec(6, 3, 3, lookup), cfg, rng, unrolled=unrolled)
+    copied = []
+    if lookup:
+        original = spec._with_lookup
+
+        def record(tree, n):
+            out = original(tree, n)
+            copied.append(len(out.tokens) > len(tree.tokens) or not np.array_equal(out.scores, tree.scores))
+            return out
+
+        spec._with_lookup = record
     root = spec.start(embeds, prep.input_ids)
     saved = spec.snapshot()
 
@@ -86,6 +100,8 @@ def test_first_and_second_token_distributions(tiny_vocab_bundle, images, tempera
         first[tokens[0]] += 1
         second[tokens[1]] += 1
     assert accepted > draws // 10  # drafts were really accepted, so the rejection path was exercised
+    if lookup:
+        assert sum(copied) > len(copied) // 2  # the lookup chain really changed most trees
     assert first[p1 == 0].sum() == 0 and second[p2 == 0].sum() == 0  # nothing outside the nucleus
     for counts, p in ((first, p1), (second, p2)):
         obs, exp = _pool(counts[p > 0], p[p > 0] * draws)

@@ -7,13 +7,13 @@ from runtime.pipeline import Pipeline
 from runtime.tree import TreeSpec
 
 MAX_NEW = 24
-TREES = [TreeSpec(1, 1, 1), TreeSpec(8, 3, 2), TreeSpec(6, 6, 1), TreeSpec(32, 6, 4)]
+TREES = [TreeSpec(1, 1, 1), TreeSpec(8, 3, 2), TreeSpec(6, 6, 1), TreeSpec(32, 6, 4), TreeSpec(8, 3, 2, 8)]
 COMBOS = [("split_mha", "random"), ("gqa_nosplit", "random"), ("tied_loop", "copy"), ("split_mha", "concat")]
 
 
 @pytest.mark.parametrize("draft", ["stepwise", "unrolled"])
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "+".join(c))
-@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"N{t.total_tokens}D{t.depth}K{t.top_k}")
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"N{t.total_tokens}D{t.depth}K{t.top_k}L{t.lookup}")
 def test_speculative_greedy_is_lossless(zoo, images, combo, tree, draft):
     """Both drafting paths: depth-by-depth drafter calls, and the one-call draft_tree graph exported for the tree."""
     if draft == "unrolled":
@@ -189,3 +189,87 @@ def test_unknown_draft_precision_is_refused(zoo, tmp_path):
         export_bundle(model, processor, {"model": "q"}, ExportOptions(out=tmp_path / "b", drafter=zoo._built["tied_loop+copy"][2],
                                                                        draft_precision="int16"), quiet=True)
     assert not (tmp_path / "b").exists()
+
+
+def test_lookup_continuation_copies_what_followed_the_latest_longest_match():
+    from runtime.speculative import lookup_continuation
+
+    seq = [5, 1, 2, 3, 9, 9, 1, 2, 4, 7, 8, 1, 2]
+    # "1 2" occurred twice before the end: the latest one (followed by 4 7 8 ...) wins
+    assert lookup_continuation(seq, 3) == [4, 7, 8]
+    assert lookup_continuation(seq, 10) == [4, 7, 8, 1, 2]  # up to the end of the sequence
+    # the longest suffix that occurs decides: "3 1 2" does not occur, "9 9 1" does not end the sequence
+    assert lookup_continuation([0, 3, 4, 9, 1, 3, 4, 5, 0, 3, 4], 2) == [9, 1]  # trigram "0 3 4" beats the later "3 4"
+    assert lookup_continuation([1, 2, 8, 5, 2, 6, 1, 2], 2) == [8, 5]  # "1 2" (bigram) beats the later "2" -> 6
+    assert lookup_continuation([1, 2, 8, 5, 2, 6, 1, 2], 2, max_ngram=1) == [6, 1]  # unigram only: the latest "2"
+    assert lookup_continuation([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert lookup_continuation([4, 4], 3) == [4]
+    assert lookup_continuation([3, 1, 99, 99, 5, 3, 1], 4, image_token_id=99) == []  # stops before an image token
+    assert lookup_continuation([3, 1, 6, 99, 5, 3, 1], 4, image_token_id=99) == [6]
+    assert lookup_continuation([3, 1, 6, 3, 1], 0) == [] and lookup_continuation([3], 4) == []
+
+
+def test_tree_spec_lookup_parses_and_old_manifests_read_the_same():
+    assert TreeSpec.parse("8,3,2") == TreeSpec(8, 3, 2) == TreeSpec.from_json({"total_tokens": 8, "depth": 3, "top_k": 2})
+    assert TreeSpec.parse("8,3,2,6") == TreeSpec(8, 3, 2, 6)
+    assert TreeSpec(8, 3, 2).to_json() == {"total_tokens": 8, "depth": 3, "top_k": 2}  # no new key without lookup
+    assert TreeSpec.from_json(TreeSpec(8, 3, 2, 6).to_json()) == TreeSpec(8, 3, 2, 6)
+    for bad in ("8,3", "8,3,2,1,1", "8,x,2", "0,3,2", "8,3,2,-1"):
+        with pytest.raises(ValueError, match="expected N,D,K or N,D,K,L"):
+            TreeSpec.parse(bad)
+
+
+def test_lookup_adds_the_copied_chain_to_the_tree_and_it_is_accepted(zoo, images):
+    """With a drafter that rarely guesses right (random weights) on a target that repeats itself, the copied
+    chain is what gets accepted: more tokens per target call than the drafter's tree alone, same tokens. The
+    chain is ranked with the drafter's nodes (reusing a node that drafts the same token), the verify size
+    stays N, and every node's children stay distinct (what sampled acceptance needs)."""
+    import numpy as np
+
+    from runtime.sampling import SamplingConfig
+    from runtime.speculative import LOOKUP_LOGP, SpeculativeDecoder, lookup_continuation
+
+    _, bundle = zoo.with_drafter("tied_loop", "random")
+    pipe = Pipeline.from_bundle(bundle)
+    paths = [str(images["coffee"])]
+    runs = {}
+    for tree in (TreeSpec(8, 3, 2), TreeSpec(8, 3, 2, 8)):
+        pipe.tree_spec = tree
+        r = pipe.generate(paths, "Describe the image.", max_new_tokens=60)
+        runs[tree.lookup] = (r.token_ids, float(np.mean(r.accept_lengths)))
+    plain = pipe.generate(paths, "Describe the image.", max_new_tokens=60, speculative=False).token_ids
+    assert runs[0][0] == runs[8][0] == plain
+    assert runs[8][1] > runs[0][1] + 0.5, runs  # the loop is copied, not guessed
+
+    prep = pipe.prepare(paths, "Describe the image.")
+    sd = SpeculativeDecoder(pipe, TreeSpec(8, 3, 2, 8), SamplingConfig(), np.random.default_rng(0), unrolled=False)
+    sd.start(pipe.prompt_embeds(prep), prep.input_ids)
+    original = sd._with_lookup
+    calls = []
+
+    def record(tree, n):
+        seq = np.append(sd.ctx.ids[: sd.dec.length], sd.root)
+        out = original(tree, n)
+        calls.append((tree, n, lookup_continuation(seq, n, pipe.image_token_id), out))
+        return out
+
+    sd._with_lookup = record
+    for _ in range(6):
+        sd.step()
+    seen = 0
+    for base, n, chain, tree in calls:
+        assert n == 7  # at most N - 1 copied tokens
+        assert len(tree.tokens) >= len(base.tokens) and (tree.tokens[: len(base.tokens)] == base.tokens).all()
+        at = 0
+        for tok in chain:  # the chain hangs below the root, node by node
+            kids = [i for i in range(len(tree.tokens)) if tree.parents[i] == at and tree.tokens[i] == tok]
+            assert len(kids) == 1
+            at = kids[0]
+            assert tree.depth[at] == tree.depth[tree.parents[at]] + 1
+            assert tree.scores[at] >= tree.depth[at] * LOOKUP_LOGP - 1e-9
+        assert len(tree.tokens) - len(base.tokens) <= len(chain)  # new nodes only where the drafter had none
+        pairs = [(int(p), int(t)) for p, t in zip(tree.parents, tree.tokens)]
+        assert len(set(pairs)) == len(pairs)  # distinct children everywhere
+        assert len(sd._select(tree, 8)) <= 8
+        seen += len(chain)
+    assert seen > 0

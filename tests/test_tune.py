@@ -34,8 +34,9 @@ def test_tune_writes_the_best_tree(zoo, tmp_path):
     pipe = Pipeline.from_bundle(dst)  # still verifies: the manifest is not among the hashed files
     assert TreeSpec.from_json(pipe.bundle.manifest["tree"]) == TreeSpec(**chosen)
     # a repetitive target with a copy drafter accepts long paths: deeper trees must measure longer acceptance
-    by_tree = {(r["tree"]["total_tokens"], r["tree"]["depth"]): r["accept_len"] for r in table}
-    assert by_tree[(32, 6)] > by_tree[(4, 3)] > 1.0
+    by_tree = {TreeSpec.from_json(r["tree"]): r["accept_len"] for r in table}
+    assert by_tree[TreeSpec(32, 6, 4)] > by_tree[TreeSpec(4, 3, 1)] > 1.0
+    assert any(t.lookup for t in by_tree)  # prompt-lookup trees are measured too
 
 
 def test_tune_data_reads_dream_train_sources(tmp_path):
