@@ -250,11 +250,12 @@ def main(argv=None):
             print(json.dumps(rows[-1]), flush=True)
 
         for precision, bundle in bundles.items():
+            info = Pipeline.from_bundle(bundle, warm=False)
             for set_name, items in sets.items():
                 plain = run_ours(Path(bundle), items, False, args.threads, args.max_new_tokens)
                 add(f"dream-run {precision}, plain", set_name, plain, precision=precision)
-                if Pipeline.from_bundle(bundle, warm=False).has_drafter:
-                    tree = TreeSpec.from_json(Pipeline.from_bundle(bundle, warm=False).bundle.manifest["tree"])
+                if info.has_drafter:
+                    tree = TreeSpec.from_json(info.bundle.manifest["tree"])
                     variants = [("DREAM" + (" + lookup" if tree.lookup else ""), None)]
                     if tree.lookup:  # the drafter's tree alone too: what DREAM itself accepts
                         variants.append(("DREAM without lookup", replace(tree, lookup=0)))
