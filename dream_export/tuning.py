@@ -13,9 +13,10 @@ from runtime.bundle import MANIFEST
 def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_tree=None, samples=None,
                 max_new_tokens: int = 48) -> dict:
     """Measure on calibration scenes (runtime.tune), then record the tree, the ORT thread count and the
-    table in the manifest. ``set_tree(TreeSpec)`` re-exports the one-call draft graph when the chosen
-    depth / top-k differ from the exported one (dream-export passes it; without it the runtime drafts
-    depth by depth for that tree). ``samples`` ((image paths, prompt) pairs, e.g. from ``--tune-data``)
+    table in the manifest. ``set_tree(TreeSpec)`` re-exports the one-call draft graph for a depth / top-k
+    other than the exported one (dream-export passes it): before each such candidate is measured, so every
+    tree is timed with its own one-call graph, and once more for the chosen tree at the end. Without it the
+    runtime drafts depth by depth for any other tree, and the table says so (``one_call_draft``). ``samples`` ((image paths, prompt) pairs, e.g. from ``--tune-data``)
     replace the scenes: tune on what the bundle will answer."""
     import numpy as np
 
@@ -23,6 +24,13 @@ def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_t
     from runtime.tune import tune
 
     from .scenes import qa_pairs, random_scene
+
+    def prepare(tree) -> bool:  # the bundle's one-call draft graph for tree's depth and top-k, when it has another
+        graph = json.loads((Path(bundle_dir) / MANIFEST).read_text())["graphs"].get("draft_tree", {})
+        if set_tree is None or (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k):
+            return False
+        set_tree(tree)
+        return True
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -35,14 +43,11 @@ def tune_bundle(bundle_dir: Path, scenes: int = 4, seed: int = 20_000_000, set_t
                 qa = qa_pairs(scene, rng)[i % 7]
                 samples.append(([str(path)], qa.prompt))
         result = tune(lambda threads: Pipeline.from_bundle(bundle_dir, threads=threads), samples,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, prepare=prepare if set_tree is not None else None)
     from runtime.tree import TreeSpec
 
     mpath = Path(bundle_dir) / MANIFEST
-    chosen = TreeSpec.from_json(result["chosen"])
-    graph = json.loads(mpath.read_text())["graphs"].get("draft_tree", {})
-    if set_tree is not None and (graph.get("depth"), graph.get("top_k")) != (chosen.depth, chosen.top_k):
-        set_tree(chosen)
+    prepare(TreeSpec.from_json(result["chosen"]))
     manifest = json.loads(mpath.read_text())
     manifest["tree"] = result["chosen"]
     manifest["tuning"] = result

@@ -99,8 +99,12 @@ def _decode_rate(pipe, samples, speculative: bool, max_new_tokens: int) -> tuple
 
 
 def tune(pipe_factory, samples: list[tuple[list, str]], candidates=CANDIDATES, max_new_tokens: int = 48,
-         context: int | None = None) -> dict:
-    """pipe_factory(threads) -> Pipeline; samples: (images, prompt) pairs. Returns the table and the choice."""
+         context: int | None = None, prepare=None) -> dict:
+    """pipe_factory(threads) -> Pipeline; samples: (images, prompt) pairs. Returns the table and the choice.
+    ``prepare(tree) -> bool``, called before each candidate is measured, may give the bundle a one-call draft
+    graph for that tree's depth and top-k (True: it did, the pipeline is reloaded): every tree is then timed
+    as it would run once chosen, not only the one the bundle was exported with. Candidates are measured
+    grouped by (depth, top-k), so each graph is exported once."""
     cores = os.cpu_count() or 1
     plain = {}
     for threads in sorted({1, cores}):
@@ -112,7 +116,9 @@ def tune(pipe_factory, samples: list[tuple[list, str]], candidates=CANDIDATES, m
     context = context or prompt_len
     decode = verify_cost(pipe, 1, context)
     rows = []
-    for spec in candidates:
+    for spec in sorted(candidates, key=lambda t: (t.depth, t.top_k)) if prepare is not None else candidates:
+        if prepare is not None and prepare(spec):
+            pipe = pipe_factory(threads)
         pipe.tree_spec = spec
         rate, accept = _decode_rate(pipe, samples, True, max_new_tokens)
         verify = verify_cost(pipe, spec.total_tokens, context)
