@@ -80,29 +80,17 @@ def math_items(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
 def template_requests(seed: int = 0) -> list[dict]:
     """About 2,100 requests ({prompt, kind, topic}), shuffled with ``seed``; none is a held-out instruction."""
     rng = random.Random(seed)
+    long_concept = ("paragraph", "Describe", "history", "pros")
+    groups = [  # subjects, templates, how many templates each (None: all), kind (None: by template), topic
+        (CONCEPTS, CONCEPT_T, 4, None, "concept"), (ACTIVITIES, ACT_T, 3, "long", "howto"),
+        (STORY, STORY_T, 3, "long", "creative"), ([p.split("|") for p in PAIRS], PAIR_T, 2, "long", "compare"),
+        (CODE, CODE_T, 2, "long", "python"), (SENT, SENT_T, 5, "short", "language"), (EMAIL, EMAIL_T, None, "long", "email")]
     rows = []
-    for x in CONCEPTS:
-        for t in rng.sample(CONCEPT_T, 4):
-            rows.append((t.format(x), "long" if "paragraph" in t or "Describe" in t or "history" in t or "pros" in t else "short", "concept"))
-    for x in ACTIVITIES:
-        for t in rng.sample(ACT_T, 3):
-            rows.append((t.format(x), "long", "howto"))
-    for x in STORY:
-        for t in rng.sample(STORY_T, 3):
-            rows.append((t.format(x), "long", "creative"))
-    for p in PAIRS:
-        a, b = p.split("|")
-        for t in rng.sample(PAIR_T, 2):
-            rows.append((t.format(a, b), "long", "compare"))
-    for x in CODE:
-        for t in rng.sample(CODE_T, 2):
-            rows.append((t.format(x), "long", "python"))
-    for x in SENT:
-        for t in rng.sample(SENT_T, 5):
-            rows.append((t.format(x), "short", "language"))
-    for x in EMAIL:
-        for t in EMAIL_T:
-            rows.append((t.format(x), "long", "email"))
+    for subjects, templates, k, kind, topic in groups:
+        for x in subjects:
+            for t in (rng.sample(templates, k) if k else templates):
+                text = t.format(*x) if isinstance(x, list) else t.format(x)
+                rows.append((text, kind or ("long" if any(w in t for w in long_concept) else "short"), topic))
     rows += math_items(rng, 200)
     rng.shuffle(rows)
     held = set(instructions("heldout"))
