@@ -72,7 +72,7 @@ def run_ours(bundle: Path, items, speculative: bool, threads: int, max_new: int,
     for paths, prompt in items:
         r = pipe.generate(paths, prompt, max_new_tokens=max_new, speculative=speculative)
         runs.append({"n": r.num_new_tokens, "ttft_ms": r.ttft_ms, "decode_s": r.decode_s,
-                     "accept": r.accept_lengths or [], "ids": r.token_ids})
+                     "accept": [int(a) for a in r.accept_lengths or []], "ids": [int(t) for t in r.token_ids]})
     return runs
 
 
@@ -167,9 +167,19 @@ def genai_models(model_dir: Path, work: Path, precisions=("fp32", "int8", "int4"
     return out
 
 
+def set_genai_threads(gdir: Path, threads: int) -> None:
+    """Give onnxruntime-genai's decoder session the same intra-op thread count as ours (its genai_config.json's
+    session options; left alone it takes every core)."""
+    path = gdir / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    path.write_text(json.dumps(cfg, indent=1))
+
+
 def run_genai(gdir: Path, token_lists: list[list[int]], threads: int, max_new: int, stop: set[int]) -> list[dict]:
     import onnxruntime_genai as og
 
+    set_genai_threads(gdir, threads)
     config = og.Config(str(gdir))
     model = og.Model(config)
 
@@ -215,7 +225,84 @@ def chart(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# --- one process per system ------------------------------------------------------------------------
+
+def worker(job: dict) -> list[dict]:
+    """Run one system's measurement (in its own process: each system gets the machine's cores and its own ONNX
+    Runtime threads; ours share one global pool, as in ``dream-run``)."""
+    kind = job["kind"]
+    if kind == "ours":
+        from runtime.ort_threads import use_global_pool
+        from runtime.tree import TreeSpec
+
+        use_global_pool()
+        tree = TreeSpec.from_json(job["tree"]) if job.get("tree") else None
+        return run_ours(Path(job["bundle"]), job["items"], job["speculative"], job["threads"], job["max_new"], tree)
+    if kind == "transformers":
+        return run_transformers(Path(job["model"]), job["items"], job["threads"], job["max_new"])
+    if kind == "genai":
+        return run_genai(Path(job["dir"]), job["tokens"], job["threads"], job["max_new"], set(job["stop"]))
+    if kind == "llama.cpp":
+        return run_llama_cpp(Path(job["gguf"]), job["texts"], job["threads"], job["max_new"])
+    raise ValueError(f"unknown job kind {kind!r}")
+
+
+def isolated(job: dict) -> list[dict]:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job['kind']} worker failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_cold(bundle: Path, items, threads: int, max_new: int, speculative: bool) -> list[dict]:
+    """One ``dream-run --json`` process per prompt: wall time from process start (imports, bundle load and session
+    creation included) to the answer, and the rate that one cold generation decoded at."""
+    runs = []
+    for paths, prompt in items:
+        cmd = [sys.executable, "-c", "import sys; from runtime.cli import console; sys.exit(console())", *paths, prompt,
+               "--bundle", str(bundle), "--max-new-tokens", str(max_new), "--threads", str(threads), "--json",
+               "--speculative" if speculative else "--no-speculative"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"dream-run failed: {proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        n = out["num_new_tokens"]
+        decode_s = (n - 1) / out["tokens_per_s"] if out["tokens_per_s"] and n > 1 else 1e-9
+        runs.append({"n": n, "ttft_ms": out["ttft_ms"], "decode_s": decode_s, "wall_s": wall, "load_ms": out["load_ms"],
+                     "accept": out.get("accept_lengths") or []})
+    return runs
+
+
+README_BEGIN, README_END = "<!-- peers table: begin (benchmarks/peers.py --readme) -->", "<!-- peers table: end -->"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| system | prompts | decode tok/s | ttft ms | τ | speculative == plain |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cold = f"; cold process {r['cold_wall_s']} s" if "cold_wall_s" in r else ""
+        lossless = "" if "lossless" not in r else ("yes" if r["lossless"] else "**no**")
+        lines.append(f"| {r['system']} ({r['set']}{cold}) | {r['prompts']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} | "
+                     f"{r.get('mean_accept_length', '')} | {lossless} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, text: str) -> None:
+    readme = path.read_text()
+    if README_BEGIN not in readme or README_END not in readme:
+        raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} block to replace")
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    part = path.with_suffix(".md.part")
+    part.write_text(head + README_BEGIN + "\n" + text + "\n" + README_END + tail)
+    part.replace(path)
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", action="append", required=True, metavar="PRECISION=DIR",
                     help="a smolvlm-smollm2 bundle with its drafter, per ORT-CPU precision (fp32=..., int8=..., int4=...)")
@@ -223,8 +310,10 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma-separated: llama.cpp, genai, transformers")
+    ap.add_argument("--cold", type=int, default=3, help="prompts per set run as one cold dream-run process each")
+    ap.add_argument("--skip", default="", help="comma-separated: llama.cpp, genai, transformers, cold")
     ap.add_argument("--out", type=Path, default=Path("docs/peers_smollm2"))
+    ap.add_argument("--readme", type=Path, help="replace this README's peers table block with the run's table")
     args = ap.parse_args(argv)
     bundles = dict(b.split("=", 1) for b in args.bundle)
     skip = set(filter(None, args.skip.split(",")))
@@ -235,6 +324,7 @@ def main(argv=None):
 
     model_dir = ensure_smolvlm_smollm2()
     rows, notes = [], {}
+    common = {"threads": args.threads, "max_new": args.max_new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         text_items, image_items = prompts(args.text, args.images, tmp)
@@ -243,7 +333,8 @@ def main(argv=None):
         template = probe.bundle.manifest["chat_template"]
         chat_texts = [render(template, user_turn(0, p)) for _, p in text_items]
         token_lists = [probe.tokenizer.encode(t, add_special_tokens=False).ids for t in chat_texts]
-        stop = set(probe.stop_ids)
+        stop = sorted(probe.stop_ids)
+        del probe
 
         def add(system, set_name, runs, **extra):
             rows.append({"system": system, "set": set_name, **summarize(runs), **extra})
@@ -252,25 +343,36 @@ def main(argv=None):
         for precision, bundle in bundles.items():
             info = Pipeline.from_bundle(bundle, warm=False)
             for set_name, items in sets.items():
-                plain = run_ours(Path(bundle), items, False, args.threads, args.max_new_tokens)
-                add(f"dream-run {precision}, plain", set_name, plain, precision=precision)
+                shipped = info.speculative_for(set_name == "image")  # what dream-run does with no flags
+                mark = lambda spec: " (dream-run's default)" if spec == shipped else ""  # noqa: E731
+                plain = isolated({"kind": "ours", "bundle": bundle, "items": items, "speculative": False, **common})
+                add(f"dream-run {precision}, plain{mark(False)}", set_name, plain, precision=precision)
                 if info.has_drafter:
                     tree = TreeSpec.from_json(info.bundle.manifest["tree"])
-                    variants = [("DREAM" + (" + lookup" if tree.lookup else ""), None)]
+                    variants = [("DREAM" + (" + lookup" if tree.lookup else "") + mark(True), None)]
                     if tree.lookup:  # the drafter's tree alone too: what DREAM itself accepts
                         variants.append(("DREAM without lookup", replace(tree, lookup=0)))
                     for label, spec_tree in variants:
-                        spec = run_ours(Path(bundle), items, True, args.threads, args.max_new_tokens, spec_tree)
+                        spec = isolated({"kind": "ours", "bundle": bundle, "items": items, "speculative": True,
+                                         "tree": spec_tree.to_json() if spec_tree else None, **common})
                         same = all(a["ids"] == b["ids"] for a, b in zip(spec, plain))
                         add(f"dream-run {precision}, {label}", set_name, spec, precision=precision, lossless=same,
                             tree=(spec_tree or tree).to_json())
+                if "cold" not in skip and args.cold:
+                    for speculative in (False, True) if info.has_drafter else (False,):
+                        runs = run_cold(Path(bundle), items[: args.cold], args.threads, args.max_new_tokens, speculative)
+                        add(f"dream-run {precision}, {'DREAM' if speculative else 'plain'}, cold", set_name, runs,
+                            precision=precision, cold_wall_s=round(float(np.mean([r["wall_s"] for r in runs])), 2),
+                            load_ms=round(float(np.mean([r["load_ms"] for r in runs])), 1))
         if "transformers" not in skip:
             for set_name, items in sets.items():
-                add("transformers generate (fp32)", set_name, run_transformers(model_dir, items, args.threads, args.max_new_tokens))
+                add("transformers generate (fp32)", set_name,
+                    isolated({"kind": "transformers", "model": str(model_dir), "items": items, **common}))
         if "genai" not in skip:
             try:
                 for precision, gdir in genai_models(model_dir, tmp).items():
-                    add(f"onnxruntime-genai {precision}", "text", run_genai(gdir, token_lists, args.threads, args.max_new_tokens, stop))
+                    add(f"onnxruntime-genai {precision}", "text",
+                        isolated({"kind": "genai", "dir": str(gdir), "tokens": token_lists, "stop": stop, **common}))
             except ImportError as exc:
                 notes["onnxruntime-genai"] = f"not installed ({exc})"
         if "llama.cpp" not in skip:
@@ -279,18 +381,19 @@ def main(argv=None):
 
                 notes["llama.cpp"] = f"llama-cpp-python {llama_cpp.__version__}, the wheel's GGUF (SmolLM2-135M-Instruct unmerged)"
                 for name, path in gguf_variants(tmp).items():
-                    add(f"llama.cpp {name}", "text", run_llama_cpp(path, chat_texts, args.threads, args.max_new_tokens))
+                    add(f"llama.cpp {name}", "text",
+                        isolated({"kind": "llama.cpp", "gguf": str(path), "texts": chat_texts, **common}))
             except ImportError as exc:
                 notes["llama.cpp"] = f"not installed ({exc})"
     report = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "rows": rows, "notes": notes,
               "bundles": bundles}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    chart(rows, args.out.with_suffix(".png"))
-    print("\n| system | prompts | decode tok/s | ttft ms | τ |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['system']} ({r['set']}) | {r['prompts']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} | "
-              f"{r.get('mean_accept_length', '')} |")
+    chart([r for r in rows if "cold_wall_s" not in r], args.out.with_suffix(".png"))
+    text = table(rows)
+    print("\n" + text)
+    if args.readme:
+        write_readme(args.readme, text)
 
 
 if __name__ == "__main__":

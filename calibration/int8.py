@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from runtime.ort_threads import session_options
 
 CALIB_SEED = 40_000_000          # scene seeds of calibration prompts: not training (<10M), dream-eval, dream-check
 QUANTIZED_OPS = ["MatMul"]
@@ -76,7 +77,7 @@ def outlier_matmuls(path: Path, feeds: list[dict], ratio: float = OUTLIER_RATIO,
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     wanted = {n.name: [i for i in n.input if i and i not in inits] for n in model.graph.node if n.op_type in QUANTIZED_OPS}
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(_with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -125,7 +126,10 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict]) -> dict:
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
                         op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=sorted(kept),
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        # Q/DQ on the weights and on the activation inputs of each MatMul, as TensorRT places them;
+                        # none on its output: that would quantize QK^T scores before the mask and the softmax
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "OpTypesToExcludeOutputQuantization": ["MatMul"]})
         out.replace(dst)
     return {"outlier_ratio": OUTLIER_RATIO, "float_matmuls": kept}
 
@@ -145,7 +149,7 @@ def validate_int8(name: str, float_path: Path, q_path: Path, feeds: list[dict]) 
     """The INT8 graph against its FP32 graph on held-out recorded calls."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.log_severity_level = 3
     ref, got_s = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (float_path, q_path))
     names = [o.name for o in ref.get_outputs()]

@@ -35,6 +35,7 @@ PROMPTS = ["Describe the image.", "How many shapes are there?", "What color is t
 def timed_graphs(pipe, times: dict):
     """Record seconds per graph call: backend runs, and decoder runs (the fused ORT-CPU decoder binds its own I/O)."""
     from runtime.backends.device import DeviceDecoder
+    from runtime.chains import ChainDecoder
     from runtime.decoder import FusedOrtDecoder, PlainDecoder
 
     run = pipe.backend.run
@@ -48,30 +49,41 @@ def timed_graphs(pipe, times: dict):
             if graph != "decoder":  # counted by the decoder wrapper with its call kind
                 times[graph].append(time.perf_counter() - t0)
 
-    originals = {cls: cls.run for cls in (PlainDecoder, FusedOrtDecoder, DeviceDecoder)}
+    originals = {cls: cls.run for cls in (PlainDecoder, FusedOrtDecoder, DeviceDecoder, ChainDecoder)}
 
     def wrap(cls):
         orig = originals[cls]
 
-        def dec_run(self, embeds, mask, positions):
+        def dec_run(self, embeds, mask, positions, **kw):
             t0 = time.perf_counter()
             try:
-                return orig(self, embeds, mask, positions)
+                return orig(self, embeds, mask, positions, **kw)
             finally:
                 q = embeds.shape[1]
                 kind = "step" if q == 1 else "verify" if q <= tree else "prefill"  # (a short prefill counts as verify)
                 times[f"decoder/{kind}"].append(time.perf_counter() - t0)
         return dec_run
 
+    run_tree = ChainDecoder.run_tree
+
+    def timed_tree(self, embeds, parents):
+        t0 = time.perf_counter()
+        try:
+            return run_tree(self, embeds, parents)
+        finally:
+            times["decoder/verify"].append(time.perf_counter() - t0)
+
     pipe.backend.run = backend_run
     for cls in originals:
         cls.run = wrap(cls)
+    ChainDecoder.run_tree = timed_tree
     try:
         yield
     finally:
         pipe.backend.run = run
         for cls, orig in originals.items():
             cls.run = orig
+        ChainDecoder.run_tree = run_tree
 
 
 def examples(count: int, seed: int):

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "scenes:N); default: 4 synthetic scenes")
     d.add_argument("--tune-samples", type=int, default=6, help="how many --tune-data prompts --tune uses")
     d.add_argument("--draft-precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
-                   help="fp32/fp16: the draft graphs' precision (default: as --precision, FP16 for an INT8 target); "
-                        "int8/int4: also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the "
+                   help="fp32/fp16: the draft graphs' precision (default: as --precision, FP16 for an INT8 target; "
+                        "with --cpu-precision int8/int4: the same int8/int4); int8/int4: also write an ONNX-Runtime-CPU draft graph with weight-only int8/int4 MatMuls (the "
                         "TensorRT draft graphs stay float; greedy output is unchanged, acceptance may drop)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                    help="precision of the vision and decoder graphs for GPUs: fp16 keeps norms, softmax, the mask, "
@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-precision", choices=["fp32", "int8", "int4"], default="fp32",
                    help="weights of the ONNX-Runtime-CPU decoder: int8/int4 = weight-only MatMulNBits, fp32 activations and LM head "
                         "(decoder.onnx, TensorRT's graph, stays fp32; greedy output then equals plain decoding at that precision)")
+    p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
+                   help="--cpu-precision int8/int4: the written ORT-CPU decoder's LM head (and token rows) width "
+                        "(default: as --cpu-precision)")
+    p.add_argument("--max-chains", type=int, default=2, metavar="C",
+                   help="--cpu-precision int8/int4: most root-to-leaf chains one verify call holds (one graph per count "
+                        "1..C; default 2)")
+    p.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write the float decoder graphs TensorRT builds from (default: only with --cpu-precision "
+                        "fp32; an int8/int4 CPU bundle is CPU-only and about 4-7x smaller without them)")
     d.add_argument("--keep-visual", type=float, help="fraction of image tokens the drafter keeps (1.0 disables compression)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -50,14 +59,6 @@ def _tree(text: str):
         return TreeSpec.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--{exc}") from exc
-
-
-def _drafter_folder(path: Path | None) -> Path | None:
-    """``--drafter`` takes the drafter folder itself or the folder given to ``dream-train --out`` (which holds it
-    as ``drafter/``)."""
-    if path is not None and not (path / "drafter_config.json").is_file() and (path / "drafter" / "drafter_config.json").is_file():
-        return path / "drafter"
-    return path
 
 
 def _tune_samples(data: str, count: int, tmp: Path) -> list:
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     try:
         from runtime.store import bundles_dir
 
+        from .drafter.config import drafter_folder
         from .export.exporter import ExportOptions, export_bundle, load_target
         from .registry import resolve_model
 
@@ -94,20 +96,22 @@ def main(argv=None) -> int:
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
         if args.no_drafter and args.drafter is not None:
             raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
-        drafter, tree, runtime_cfg = _drafter_folder(args.drafter), args.tree, None
+        drafter, tree, runtime_cfg = drafter_folder(args.drafter), args.tree, None
         if drafter is not None and not any((drafter / f).is_file() for f in ("drafter_config.json", "config.json")):
             raise DreamExportError(f"--drafter {args.drafter}: no drafter_config.json (dream-train output, or its --out "
                                    f"folder holding drafter/) or config.json (a released DREAM checkpoint)")
         if drafter is None and not args.no_drafter:
             from runtime.tree import TreeSpec
 
-            from .presets import runtime_defaults, shipped_drafter
+            from .presets import shipped_drafter
+            from .presets.shipped import defaults_for
 
             shipped = shipped_drafter(source)
             if shipped is not None:
                 drafter = shipped[0]
-                tree = tree or (TreeSpec.from_json(shipped[1]) if shipped[1] else None)
-                runtime_cfg = None if args.tree else runtime_defaults(drafter)  # measured for the shipped tree only
+                shipped_tree, shipped_runtime = defaults_for(drafter, args.cpu_precision)
+                tree = tree or (TreeSpec.from_json(shipped_tree) if shipped_tree else None)
+                runtime_cfg = None if args.tree else shipped_runtime  # measured for the shipped tree only
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
         int8 = args.precision == "int8"
@@ -116,15 +120,20 @@ def main(argv=None) -> int:
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
         import tempfile
 
+        # the drafter's ORT-CPU graph: as asked, else (None) as the CPU target's weights (int8/int4), else float only
+        draft_q = args.draft_precision if args.draft_precision in ("int8", "int4") else (
+            None if args.draft_precision is None else "fp32")
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as fp32_tmp:
             target = Path(fp32_tmp) / "bundle" if int8 else out
             export_bundle(model, processor, info, ExportOptions(out=target, force=args.force, seed=args.seed, drafter=drafter,
                                                                 tree=tree, keep_visual=args.keep_visual,
-                                                                draft_precision=args.draft_precision if args.draft_precision in ("int8", "int4") else "fp32",
+                                                                draft_precision=draft_q,
                                                                 draft_float=(args.draft_precision if args.draft_precision in ("fp32", "fp16")
                                                                              else "fp16" if int8 else None),
                                                                 runtime=runtime_cfg,
                                                                 cpu_precision=args.cpu_precision,
+                                                                head_bits=args.head_bits, max_chains=args.max_chains,
+                                                                gpu_graphs=args.gpu_graphs,
                                                                 precision="fp32" if int8 else args.precision),
                           quiet=args.quiet)
             if int8:  # INT8 graphs are calibrated by running the FP32 bundle on real prompts

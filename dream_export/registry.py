@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.store import store_root  # noqa: F401  (one definition of the store, shared with the runtime)
-
 from .errors import ModelNotFoundError
 
 # alias -> hub id. ``smolvlm-tiny`` is the built-in offline model (no hub id).

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         if pipe.backend.name != "ort-cpu":
             print(f"dream-run: backend {pipe.backend.name} ({pipe.backend.why})", file=sys.stderr)
         speculative = False if args.no_speculative else True if args.speculative else None
-        if speculative is None and pipe.speculative_note:
+        if speculative is None and pipe.has_drafter and not pipe.speculative_for(bool(images)) and pipe.speculative_note:
             print(f"dream-run: {pipe.speculative_note}; decoding without the drafter (--speculative uses it)", file=sys.stderr)
         kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       speculative=speculative, stop=args.stop, deadline_s=args.deadline_s, system=args.system,
@@ -88,5 +88,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def console() -> int:
+    """The console command: this process owns all its ONNX Runtime sessions, so they share one thread pool."""
+    from .ort_threads import use_global_pool
+
+    use_global_pool()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -91,7 +91,7 @@ class Context:
 
             self.dec.rope = mrope_table(ids, self.pipe.image_token_id, self.image_grids)
         embeds = prompt_embeds[:, c:] if prompt_embeds is not None else self.embeds_for(ids, c)[None]
-        out = self.pipe.step(self.dec, embeds, ids[c:])
+        out = self.pipe.step(self.dec, embeds, ids[c:], logits="last")
         self.ids[c:n] = ids[c:]
         self.hidden[c:n] = out["hidden_states"][0]
         if "attention_received" in out:

@@ -1,6 +1,6 @@
 """Running the target decoder over a runtime-owned KV cache.
 
-Two runners, one contract: ``run`` computes Q new positions (their K/V are held, not yet part of the
+Runners, one contract (``runner.DecoderRunner``): ``run`` computes Q new positions (their K/V are held, not yet part of the
 context), ``commit`` keeps all of them or an ordered subset (an accepted draft path), ``truncate``
 rolls back by length.
 - PlainDecoder: the standard-op graph (what TensorRT gets); K/V come back as outputs and are copied
@@ -8,38 +8,16 @@ rolls back by length.
 - FusedOrtDecoder: the ORT-CPU graph with GroupQueryAttention; one preallocated buffer per layer is
   bound through IOBinding as both past and present, so ORT writes new rows in place and a step copies
   nothing. Accepting a subset moves the accepted rows down (they were rotated at their final positions).
+- ChainDecoder (``chains.py``): the written ORT-CPU graph, verifying a tree as root-to-leaf chains.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .chains import ChainDecoder
 from .kv import KVCache
-
-
-class DecoderRunner:
-    length: int
-    capacity: int
-    rope_axes = 1   # 3: the graph takes M-RoPE position ids [3, 1, Q] (Qwen2.5-VL; manifest text.rope_axes)
-    rope = None     # (table [3, n], delta) of the sequence's prompt, set by its Context's prefill (runtime/rope.py)
-
-    def position_feed(self, positions) -> np.ndarray:
-        """The graph's position_ids for sequence positions ``positions``: [1, Q], or [3, 1, Q] for M-RoPE."""
-        if self.rope_axes == 1:
-            return np.asarray(positions, np.int64)[None]
-        from .rope import position_ids
-
-        table, delta = self.rope if self.rope is not None else (None, 0)
-        return position_ids(positions, table, delta)
-
-    def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def commit(self, rows=None) -> None:
-        raise NotImplementedError
-
-    def truncate(self, length: int) -> None:
-        raise NotImplementedError
+from .runner import DecoderRunner
 
 
 class PlainDecoder(DecoderRunner):
@@ -54,7 +32,7 @@ class PlainDecoder(DecoderRunner):
     def length(self) -> int:
         return self.cache.length
 
-    def run(self, embeds, mask, positions):
+    def run(self, embeds, mask, positions, logits="all"):
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": self.position_feed(positions)}
         for i, (kn, vn) in enumerate(zip(self.names["past_key"], self.names["past_value"])):
             feeds[kn], feeds[vn] = self.cache.past(i)
@@ -105,7 +83,7 @@ class FusedOrtDecoder(DecoderRunner):
         for name in self._outputs:
             self.io.bind_output(name)
 
-    def run(self, embeds, mask, positions):
+    def run(self, embeds, mask, positions, logits="all"):
         q = embeds.shape[1]
         if self.length + q > self.capacity:
             raise ValueError(f"KV buffer full: {self.length} + {q} > capacity {self.capacity}")
@@ -147,11 +125,27 @@ def make_decoder(backend, bundle, capacity: int, fused: bool | str | None = None
     return dec
 
 
+def written_cpu_graphs(bundle) -> dict[int, str]:
+    """{most chains per call: graph name} of the bundle's written ORT-CPU decoders (``runtime/chains.py``)."""
+    return {int(g["kv"]["chains"]): name for name, g in bundle.manifest["graphs"].items()
+            if g.get("kv_layout") == "chain_buffers"}
+
+
 def _make_decoder(backend, bundle, capacity: int, fused) -> DecoderRunner:
     graphs = bundle.manifest["graphs"]
     text = bundle.manifest["text"]
     if fused == "device" or (fused is not True and getattr(backend, "device_kv", False)):
         return backend.device_decoder(capacity)
+    written = written_cpu_graphs(bundle)
+    if written and backend.ort_cpu and fused is not False:
+        tables = bundle.manifest["rope_tables"]
+        return ChainDecoder({c: backend.session(name) for c, name in written.items()}, graphs[written[max(written)]], text, capacity,
+                            np.asarray(bundle.array(tables["cos"])), np.asarray(bundle.array(tables["sin"])))
+    if "decoder" not in graphs:
+        from .errors import BundleError
+
+        raise BundleError(f"{bundle.path}: a CPU-only bundle (no decoder graph for other backends); its written ORT-CPU "
+                          f"decoder runs only on ONNX Runtime's CPU provider (--backend ort-cpu), not on {backend.name}")
     can_fuse = FusedOrtDecoder.GRAPH in graphs and backend.ort_cpu
     if fused is None:
         fused = can_fuse

@@ -20,12 +20,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT builder workspace limit (default: TensorRT's)")
     p.add_argument("--graph", action="append", default=None, help="only this graph (repeatable; default: all)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching engine exists")
+    s = p.add_argument_group("optimization profiles (no GPU or TensorRT needed)")
+    s.add_argument("--print-profiles", action="store_true",
+                   help="print every graph's optimization profiles (min/opt/max shape of each input) and exit")
+    s.add_argument("--json", action="store_true",
+                   help="with --print-profiles: as JSON, {graph: [{input: {min, opt, max}}, ... one per profile]}")
     b = p.add_argument_group("memory budget (no GPU or TensorRT needed)")
     b.add_argument("--budget", action="store_true",
                    help="print the device memory the bundle needs (engines, K/V, activations, runtime) and exit")
     b.add_argument("--device-model", default="orin-nano-8gb", help="orin-nano-8gb (default), orin-nx-16gb, agx-orin-32gb, agx-orin-64gb")
     b.add_argument("--context", type=int, default=None, help="context positions (default: the model's maximum)")
     return p
+
+
+def profiles_text(bundle_path: Path, as_json: bool) -> str:
+    """The bundle's TensorRT optimization profiles, from its manifest alone (``trt_plan.Plan``)."""
+    from .backends.trt_plan import Plan, profile_shapes
+    from .bundle import Bundle
+
+    plan = Plan.from_manifest(Bundle.load(bundle_path).manifest)
+    table = {g: profile_shapes(plan, g) for g in plan.profiles}
+    if as_json:
+        return json.dumps(table, indent=1)
+    lines = []
+    for g, profs in table.items():
+        for prof, shapes in zip(plan.profiles[g], profs):
+            lines.append(f"{g} / {prof.name}:")
+            lines += [f"  {name}: min {tuple(s['min'])}  opt {tuple(s['opt'])}  max {tuple(s['max'])}"
+                      for name, s in shapes.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -38,6 +61,11 @@ def main(argv=None) -> int:
             raise ValueError(f"--workspace-gb {args.workspace_gb}: expected a positive number of GiB")
         if not (args.bundle / "manifest.json").is_file():
             raise RuntimeErrorBase(f"{args.bundle}: not a bundle folder (no manifest.json); expected a dream-export output")
+        if args.json and not args.print_profiles:
+            raise ValueError("--json goes with --print-profiles (the build report is JSON already)")
+        if args.print_profiles:
+            print(profiles_text(args.bundle, args.json))
+            return 0
         if args.budget:
             from .budget import max_context, memory_budget
             from .bundle import Bundle

@@ -15,10 +15,12 @@ from .backends import make_backend
 from .bundle import Bundle
 from .chat import render, user_turn
 from .context import Context
-from .errors import InputError
-from .decoder import DecoderRunner, make_decoder
+from .errors import BundleError, InputError
+from .decoder import make_decoder, written_cpu_graphs
+from .runner import DecoderRunner
 from .preprocess import as_image, make_preprocessor
 from .sampling import SamplingConfig, choose
+from .token_rows import TokenRows
 from .tree import TreeSpec, causal_mask, image_block_mask
 from .video import Video, is_video_path
 
@@ -71,9 +73,9 @@ class GenerationResult:
 class Pipeline:
     """Loading creates every ONNX Runtime session the default decoding path uses (``warm``), so that
     ``ttft_ms`` and ``tokens_per_s`` never include setup; ``load_ms`` is that setup (manifest, sha256 checks,
-    sessions). ``speculative_default`` is what ``generate(speculative=None)`` does: decode with the drafter
-    unless the bundle has none or its manifest records that speculation measured slower on this machine
-    (``dream-export --tune``, or the measurement shipped with a built-in drafter)."""
+    sessions). ``speculative_for(has_images)`` is what ``generate(speculative=None)`` does: decode with the
+    drafter unless the bundle has none or its manifest records that speculation measured slower on this machine
+    for that kind of prompt (``dream-export --tune``, or the measurement shipped with a built-in drafter)."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", threads: int | None = None, fused: bool | None = None,
                  warm: bool = True, _t0: float | None = None, context: int | None = None):
@@ -86,10 +88,8 @@ class Pipeline:
         arrays = {name: np.asarray(bundle.array(entry)) for name, entry in (m.get("arrays") or {}).items()}
         self.pre = make_preprocessor(m["preprocessing"], arrays)
         self.tokenizer = Tokenizer.from_file(str(bundle.file(m["tokenizer"]["file"])))
-        self.embeddings = bundle.array(m["embeddings"])
         self.text = m["text"]
-        self.decoder = bundle.graph("decoder")
-        self.mask_min = float(self.decoder["mask_min"])
+        self.mask_min = float(m["graphs"].get("decoder", {}).get("mask_min", -1e4))
         self.stop_ids = set(m["special_tokens"]["stop_token_ids"])
         self.image_token_id = int(m["special_tokens"]["image_token_id"])
         self.max_positions = int(self.text["max_positions"])
@@ -105,13 +105,22 @@ class Pipeline:
         if fused is None and m.get("precision", "fp32") != "fp32":
             fused = False  # an FP16 / INT8 bundle runs its own graphs (the fused ORT-CPU decoder is FP32)
         self.fused = fused
+        self.written_cpu = bool(written_cpu_graphs(bundle)) and self.backend.ort_cpu and fused is not False
+        if not self.written_cpu and not m.get("embeddings"):
+            raise BundleError(f"{bundle.path}: a CPU-only bundle (no float graphs for other backends); its written "
+                              f"ORT-CPU decoder runs only on ONNX Runtime's CPU provider (--backend ort-cpu), not on "
+                              f"{self.backend.name}" + (" with fused=False" if fused is False else ""))
+        self.embeddings = TokenRows(bundle, m["embeddings_cpu"] if self.written_cpu else m["embeddings"])
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
         self._lock = threading.RLock()  # one call at a time (see stream_chat)
         self._reusable = None  # (image fingerprints, Context) of the last stream_chat(reuse=True)
         runtime_cfg = m.get("runtime") or {}
-        self.speculative_default = self.has_drafter and bool(runtime_cfg.get("speculative", True))
-        self.speculative_note = runtime_cfg.get("speculative_note") if self.has_drafter and not self.speculative_default else None
+        mode = runtime_cfg.get("speculative", True)  # a bool, or per prompt kind: {"text": bool, "image": bool}
+        mode = mode if isinstance(mode, dict) else {"text": mode, "image": mode}
+        self.speculative_modes = {k: self.has_drafter and bool(mode.get(k, True)) for k in ("text", "image")}
+        self.speculative_default = any(self.speculative_modes.values())  # the drafter's sessions are made at load
+        self.speculative_note = runtime_cfg.get("speculative_note") if self.has_drafter else None
         if warm:
             self.warm()
         self.load_ms = (time.perf_counter() - t0) * 1000
@@ -124,7 +133,10 @@ class Pipeline:
 
         graphs = self.bundle.manifest["graphs"]
         fused = (self.fused is True) if self.fused is not None else (FusedOrtDecoder.GRAPH in graphs and self.backend.ort_cpu)
-        names = ["vision", FusedOrtDecoder.GRAPH if fused else "decoder"]
+        if self.written_cpu:
+            names = ["vision", *written_cpu_graphs(self.bundle).values()]
+        else:
+            names = ["vision", FusedOrtDecoder.GRAPH if fused else "decoder"]
         if self.speculative_default if speculative is None else speculative:
             tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
             tg = tree_graph_for(self.backend, self.bundle.manifest)
@@ -132,6 +144,10 @@ class Pipeline:
             one_call = bool(g) and (g.get("depth"), g.get("top_k")) == (tree.depth, tree.top_k) and self.unrolled_draft is not False
             names.append(tg if one_call else self.bundle.manifest["drafter"]["graph"])
         return names
+
+    def speculative_for(self, has_images: bool) -> bool:
+        """What ``speculative=None`` means for a prompt with or without images (the manifest's measured choice)."""
+        return self.speculative_modes["image" if has_images else "text"]
 
     def warm(self, speculative: bool | None = None) -> None:
         """Create the sessions of ``graphs_in_use`` now (idempotent)."""
@@ -196,7 +212,7 @@ class Pipeline:
         return Prepared(ids, [p.tiles for p in processed], processed)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        rows = np.asarray(self.embeddings[ids], dtype=np.float32)
+        rows = self.embeddings[np.asarray(ids, np.int64)]
         return rows * self.embed_scale if self.embed_scale != 1 else rows
 
     def vision(self, tiles: list[np.ndarray], images: list | None = None) -> np.ndarray | None:
@@ -232,22 +248,26 @@ class Pipeline:
     # --- the target graph -------------------------------------------------------------------------
     def new_decoder(self, slack: int = 0) -> DecoderRunner:
         """A decoder with a fresh cache for one sequence; ``slack`` extra rows hold a draft tree at the end."""
-        return make_decoder(self.backend, self.bundle, self.max_positions + slack, self.fused)
+        dec = make_decoder(self.backend, self.bundle, self.max_positions + slack, self.fused)
+        if self.has_drafter and float(self.bundle.manifest["drafter"].get("keep_visual", 1.0)) < 1.0:
+            dec.track_attention = True  # visual token compression ranks image tokens by the attention they receive
+        return dec
 
     def new_context(self) -> Context:
         """A fresh sequence state, with room for a draft tree when the bundle has a drafter."""
         slack = (self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])).total_tokens if self.has_drafter else 0
         return Context(self, slack)
 
-    def step(self, dec: DecoderRunner, embeds: np.ndarray, ids: np.ndarray | None = None) -> dict:
+    def step(self, dec: DecoderRunner, embeds: np.ndarray, ids: np.ndarray | None = None, logits: str = "all") -> dict:
         """Causal call over Q new positions, all kept. ``ids`` (the Q token ids) let a family whose image tokens
-        attend to each other (``image_attention == "bidirectional"``, Gemma 3) open each image's block."""
+        attend to each other (``image_attention == "bidirectional"``, Gemma 3) open each image's block.
+        ``logits="last"``: only the last position's logits are read (a runner may compute only those)."""
         q = embeds.shape[1]
         p = dec.length
-        mask = causal_mask(q, p, self.mask_min)
-        if ids is not None and self.image_attention == "bidirectional" and q > 1:
+        mask = None if dec.tree_native else causal_mask(q, p, self.mask_min)
+        if mask is not None and ids is not None and self.image_attention == "bidirectional" and q > 1:
             mask = image_block_mask(mask, ids == self.image_token_id, p)
-        out = dec.run(embeds, mask, np.arange(p, p + q))
+        out = dec.run(embeds, mask, np.arange(p, p + q), logits=logits)
         dec.commit()
         return out
 
@@ -302,7 +322,8 @@ class Pipeline:
         bundle's ``do_image_splitting`` / ``size["longest_edge"]``, as the processor's options of those names do.
         Closing the stream early (``close()``, ``break``) leaves the pipeline consistent. One pipeline serves
         several threads: calls take turns behind a lock, held from the first ``next()`` to the last event."""
-        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, self)
+        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, self,
+                             bool(normalize_messages(messages)[1]))
         with self._lock:
             t0 = time.perf_counter()
             prep = self.prepare_messages(messages, bgr, image_splitting, longest_edge)
@@ -378,7 +399,7 @@ class Pipeline:
             token = choose(logits, cfg, rng)
             yield token
             p = ctx.length
-            out = self.step(ctx.dec, self.embed(np.array([token]))[None])
+            out = self.step(ctx.dec, self.embed(np.array([token]))[None], logits="last")
             ctx.record(p, [token], out["hidden_states"][0])
             logits = out["logits"][0, -1]
 
@@ -453,7 +474,8 @@ class Session:
         """As ``Pipeline.stream_chat`` over ``messages(prompt)``. A stream closed before its last event keeps
         nothing of that turn, whatever ``keep`` says."""
         pipe = self.pipe
-        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe)
+        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe,
+                             bool(self.images))
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty; expected a question or instruction")
         with pipe._lock:
@@ -500,7 +522,8 @@ class _Options:
     cancel: object
 
     @classmethod
-    def make(cls, max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe) -> "_Options":
+    def make(cls, max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe,
+             has_images: bool) -> "_Options":
         """Validated before anything runs: each bad value gets one line naming it and what is expected."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens {max_new_tokens!r}: expected an integer of at least 1")
@@ -509,7 +532,7 @@ class _Options:
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         if speculative is None:
-            speculative = pipe.speculative_default
+            speculative = pipe.speculative_for(has_images)
         elif speculative and not pipe.has_drafter:
             raise InputError(f"{pipe.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
         if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):

@@ -421,5 +421,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def console() -> int:
+    """The console command: this process owns all its ONNX Runtime sessions, so they share one thread pool."""
+    from .ort_threads import use_global_pool
+
+    use_global_pool()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -19,6 +19,7 @@ Two drafting paths give the same tree: the bundle's ``draft_tree`` graph (catch-
 call, for the exported D and K) and depth-by-depth calls of the ``drafter`` graph (any D, K).
 The drafter's memory (cross-attention over target features) holds only the kept image tokens
 (visual token compression); the target always sees all of them.
+
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ class SpeculativeDecoder:
             self._tree_depth = np.concatenate([[0, *([1] * k)], np.repeat(np.arange(2, tree.depth + 1), k * k)])[: c + 1]
         self.root = -1
         self.pending: _CatchUp | None = None
+        self.min_logp = tree.min_logp
 
     # --- setup --------------------------------------------------------------------------------------
     def start(self, prompt_embeds: np.ndarray, input_ids: np.ndarray) -> int:
@@ -280,7 +282,7 @@ class SpeculativeDecoder:
         tree = self._draft_unrolled() if self.unrolled else self._draft_stepwise(budget)
         if self.tree.lookup and budget > 1:
             tree = self._with_lookup(tree, min(self.tree.lookup, budget - 1))
-        order = self._select(tree, budget)
+        order = self._select(tree, budget, self.dec.chains, self.min_logp)
         logits, hidden, parents = self._verify(tree, order)
         path, bonus = self._accept(tree, order, parents, logits)
         p0 = self.dec.length  # the root's position
@@ -398,20 +400,30 @@ class SpeculativeDecoder:
         return out
 
     @staticmethod
-    def _select(tree: DraftTree, budget: int) -> np.ndarray:
+    def _select(tree: DraftTree, budget: int, max_leaves: int | None = None, min_logp: float | None = None) -> np.ndarray:
         """Root + the best budget-1 candidates by cumulative log-prob (ties: shallower first), closed
-        under ancestors. A score never rises along a path, so the ranking puts parents before children
-        and the result is already in verify order."""
+        under ancestors; with ``max_leaves`` (a decoder that verifies root-to-leaf chains) a candidate that would
+        make one leaf too many is passed over. A score never rises along a path, so the ranking puts parents
+        before children and the result is already in verify order."""
         n = len(tree.tokens)
         if budget <= 1 or n == 1:
             return np.zeros(1, np.int64)
         rank = np.lexsort((np.arange(1, n), tree.depth[1:], -tree.scores[1:])) + 1
         chosen = np.zeros(n, bool)
+        has_child = np.zeros(n, bool)
         chosen[0] = True
-        out = [0]
+        out, leaves = [0], 1
         for i in rank:
-            if chosen[tree.parents[i]]:
+            if min_logp is not None and tree.scores[i] < min_logp:
+                break  # ranked by score: every later candidate is as unlikely
+            p = tree.parents[i]
+            if chosen[p]:
+                more = 0 if not has_child[p] else 1  # a first child extends its parent's chain
+                if max_leaves is not None and leaves + more > max_leaves:
+                    continue
                 chosen[i] = True
+                has_child[p] = True
+                leaves += more
                 out.append(int(i))
                 if len(out) == budget:
                     break
@@ -422,11 +434,15 @@ class SpeculativeDecoder:
         row_of[order] = np.arange(len(order))
         p = tree.parents[order]
         parents = np.where(p >= 0, row_of[np.maximum(p, 0)], -1)  # each verified row's parent row
+        embeds = self.pipe.embed(tree.tokens[order])[None]
+        if self.dec.tree_native:
+            out = self.dec.run_tree(embeds, parents)
+            return out["logits"][0], out["hidden_states"][0], parents
         ctx = self.dec.length
         allowed = np.concatenate([np.ones((len(order), ctx), bool), ancestor_matrix(parents)], axis=1)
         mask = np.where(allowed, np.float32(0.0), np.float32(self.pipe.mask_min))[None, None]
         positions = ctx + tree.depth[order]
-        out = self.dec.run(self.pipe.embed(tree.tokens[order])[None], mask, positions)
+        out = self.dec.run(embeds, mask, positions)
         return out["logits"][0], out["hidden_states"][0], parents
 
     def _accept(self, tree: DraftTree, order: np.ndarray, parents: np.ndarray, logits: np.ndarray):

@@ -15,23 +15,30 @@ import numpy as np
 class TreeSpec:
     """Total verified tokens N (root included), draft depth D, top-k K per expansion (EAGLE-2 dynamic tree);
     ``lookup`` L: up to L of the N nodes may be a copy of what followed the context's latest earlier occurrence
-    of its last tokens (prompt lookup, ``speculative.lookup_continuation``), 0 = the drafter's tree alone."""
+    of its last tokens (prompt lookup, ``speculative.lookup_continuation``), 0 = the drafter's tree alone;
+    ``min_logp`` P: candidates whose cumulative draft log-prob is below P are not verified (a verify row costs
+    a share of a decode step, and one unlikely to be accepted does not pay for it), None = fill all N."""
 
     total_tokens: int = 32
     depth: int = 6
     top_k: int = 4
     lookup: int = 0
+    min_logp: float | None = None
 
     def __post_init__(self):
         if self.total_tokens < 1 or self.depth < 1 or self.top_k < 1:
             raise ValueError(f"TreeSpec needs positive N, D, K; got {self}")
         if self.lookup < 0:
             raise ValueError(f"TreeSpec lookup must be >= 0; got {self}")
+        if self.min_logp is not None and not self.min_logp <= 0:
+            raise ValueError(f"TreeSpec min_logp must be a log-probability (<= 0); got {self}")
 
     def to_json(self) -> dict:
         data = asdict(self)
         if not self.lookup:  # manifests written before lookup existed read the same
             data.pop("lookup")
+        if self.min_logp is None:
+            data.pop("min_logp")
         return data
 
     @classmethod
@@ -40,15 +47,17 @@ class TreeSpec:
 
     @classmethod
     def parse(cls, text: str) -> "TreeSpec":
-        """``N,D,K`` or ``N,D,K,L`` (L: prompt-lookup tokens), as the command lines take it."""
+        """``N,D,K``, ``N,D,K,L`` (L: prompt-lookup tokens) or ``N,D,K,L,P`` (P: the least cumulative draft
+        log-prob verified), as the command lines take it."""
         try:
-            parts = [int(x) for x in text.split(",")]
-            if len(parts) not in (3, 4):
+            parts = text.split(",")
+            if len(parts) not in (3, 4, 5):
                 raise ValueError(text)
-            return cls(*parts)
+            return cls(*[int(x) for x in parts[:4]], *[float(x) for x in parts[4:]])
         except ValueError as exc:
-            raise ValueError(f"tree {text!r}: expected N,D,K or N,D,K,L (positive total tokens, depth, top-k; "
-                             f"L >= 0 prompt-lookup tokens), such as 32,6,4 or 8,3,2,8") from exc
+            raise ValueError(f"tree {text!r}: expected N,D,K, N,D,K,L or N,D,K,L,P (positive total tokens, depth, "
+                             f"top-k; L >= 0 prompt-lookup tokens; P <= 0 the least log-prob verified), such as "
+                             f"32,6,4 or 8,3,2,8,-1.5") from exc
 
 
 def depths(parents: np.ndarray) -> np.ndarray:

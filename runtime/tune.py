@@ -27,6 +27,8 @@ CANDIDATES = [
     TreeSpec(16, 5, 4), TreeSpec(16, 6, 2), TreeSpec(24, 6, 4), TreeSpec(32, 6, 4),
     # the same verify sizes with prompt lookup (up to 8 of the N nodes copied from the context)
     TreeSpec(4, 3, 1, 8), TreeSpec(8, 3, 2, 8), TreeSpec(12, 4, 3, 8), TreeSpec(16, 5, 4, 8),
+    # ... verifying only candidates at least ~20% likely (where a verify row is a fifth of a decode step, a CPU)
+    TreeSpec(8, 3, 2, 8, -1.6), TreeSpec(12, 4, 3, 8, -1.6),
 ]
 
 

@@ -147,3 +147,58 @@ def run_cli_json(capsys, argv) -> dict:
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return json.loads(captured.out)
+
+
+def path_to(parents, node):
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = int(parents[node])
+    return path[::-1]
+
+
+def assert_tree_rows_are_plain_steps(pipe, prompt: str, tokens, parents):
+    """Verify ``tokens`` (a tree: ``parents``) after ``prompt`` in one call, then decode each node's root path one
+    token at a time on a fresh decoder: logits and hidden states agree bit for bit. Then accept the path to the
+    last leaf (the last chain) and check the next step against plain decoding of that path."""
+    from runtime.chains import chains_of
+
+    prefix = pipe.prompt_embeds(pipe.prepare([], prompt))
+    tokens, parents = np.asarray(tokens), np.asarray(parents)
+    dec = pipe.new_decoder()
+    assert dec.tree_native
+    pipe.step(dec, prefix)
+    tree = dec.run_tree(pipe.embed(tokens)[None], parents)
+    plain = {}
+    for node in range(len(tokens)):
+        ref = pipe.new_decoder()
+        pipe.step(ref, prefix)
+        for t in path_to(parents, node):
+            out = pipe.step(ref, pipe.embed(tokens[t:t + 1])[None], logits="last")
+        np.testing.assert_array_equal(tree["logits"][0, node], out["logits"][0, -1], err_msg=f"node {node}")
+        np.testing.assert_array_equal(tree["hidden_states"][0, node], out["hidden_states"][0, -1], err_msg=f"node {node}")
+        plain[node] = ref
+    rows, _, _ = chains_of(parents)
+    leaf = int(rows[-1, -1])
+    accepted = path_to(parents, leaf)
+    dec.commit(accepted)
+    assert dec.length == prefix.shape[1] + len(accepted)
+    nxt = pipe.embed(tokens[:1])[None]
+    np.testing.assert_array_equal(pipe.step(dec, nxt)["logits"], pipe.step(plain[leaf], nxt)["logits"])
+
+
+def run_decoder_calls(dec, pipe, calls, seed=2):
+    """Feed the same call sequence (q, accepted rows, truncate-to) to a decoder; return every output."""
+    rng = np.random.default_rng(seed)
+    H = int(pipe.text["hidden_size"])
+    outs = []
+    for q, rows, cut in calls:
+        p = dec.length
+        emb = (rng.standard_normal((1, q, H)) * 0.5).astype(np.float32)
+        mask = np.zeros((1, 1, q, p + q), np.float32)
+        mask[0, 0, :, p:] = np.triu(np.full((q, q), pipe.mask_min, np.float32), 1)
+        outs.append(dec.run(emb, mask, np.arange(p, p + q)))
+        dec.commit(rows)
+        if cut is not None:
+            dec.truncate(cut)
+    return outs

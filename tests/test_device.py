@@ -13,7 +13,7 @@ from runtime.backends.trt_plan import Plan, graph_digest, kv_row_copies
 from runtime.bundle import Bundle
 from runtime.kv import KVCache
 from runtime.pipeline import Pipeline
-from tests.helpers import hf_generate
+from tests.helpers import hf_generate, run_decoder_calls
 
 
 def test_kv_row_copies_merge_runs_and_reject_bad_rows():
@@ -178,23 +178,6 @@ def test_tensorrt_backend_builds_engines_and_is_lossless(tiny, images, tmp_path)
             == trt.generate([images["coffee"]], "Describe the image.", max_new_tokens=40, speculative=False).token_ids)
 
 
-def _run_calls(dec, pipe, calls, seed=2):
-    """Feed the same call sequence (q, accepted rows, truncate-to) to a decoder; return every output."""
-    rng = np.random.default_rng(seed)
-    H = int(pipe.text["hidden_size"])
-    outs = []
-    for q, rows, cut in calls:
-        p = dec.length
-        emb = (rng.standard_normal((1, q, H)) * 0.5).astype(np.float32)
-        mask = np.zeros((1, 1, q, p + q), np.float32)
-        mask[0, 0, :, p:] = np.triu(np.full((q, q), pipe.mask_min, np.float32), 1)
-        outs.append(dec.run(emb, mask, np.arange(p, p + q)))
-        dec.commit(rows)
-        if cut is not None:
-            dec.truncate(cut)
-    return outs
-
-
 def test_bucketed_past_for_cuda_graphs_changes_nothing_but_shapes(tiny):
     """What the TensorRT backend does for CUDA graphs, run here: steps and verifies bind their past padded to a
     bucket (the padding masked out) from buffers allocated once, so every call of one (q, bucket) has the same
@@ -217,7 +200,7 @@ def test_bucketed_past_for_cuda_graphs_changes_nothing_but_shapes(tiny):
     bucketed.execute = recording
     calls = [(40, None, None)] + [(1, None, None)] * 5 + [(n, [0, 1], None), (1, None, None), (n, [0], 44),
                                                           (1, None, None), (n, list(range(n)), None)] + [(1, None, None)] * 9
-    for a, b in zip(_run_calls(plain, pipe, calls), _run_calls(bucketed, pipe, calls)):
+    for a, b in zip(run_decoder_calls(plain, pipe, calls), run_decoder_calls(bucketed, pipe, calls)):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-5)
         assert np.array_equal(a["logits"].argmax(-1), b["logits"].argmax(-1))

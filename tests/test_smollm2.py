@@ -36,16 +36,20 @@ def s2_model():
 
 
 def _export(model_dir, out, **kw):
+    """As ``dream-export --model smolvlm-smollm2 [--cpu-precision P]``: the shipped drafter with the tree and
+    runtime defaults shipped for that precision."""
     from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-    from dream_export.presets import runtime_defaults, shipped_drafter
+    from dream_export.presets import shipped_drafter
+    from dream_export.presets.shipped import defaults_for
     from runtime.tree import TreeSpec
 
     model, processor = load_target(str(model_dir))
     shipped = shipped_drafter(model_dir)
-    drafter, tree = shipped if shipped else (None, None)
+    drafter = shipped[0] if shipped else None
+    tree, runtime = defaults_for(drafter, kw.get("cpu_precision", "fp32")) if drafter else (None, None)
     return export_bundle(model, processor, {"model": "smolvlm-smollm2"},
                          ExportOptions(out=out, drafter=drafter, tree=TreeSpec.from_json(tree) if tree else None,
-                                       runtime=runtime_defaults(drafter) if drafter else None, **kw), quiet=True)
+                                       runtime=runtime, **kw), quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +125,8 @@ def test_export_validation_passes_on_real_weights(s2_bundle):
 
 
 def test_each_weight_is_stored_once(s2_bundle, s2_model):
-    """decoder.onnx, decoder_ort_cpu.onnx, the draft graphs and the embeddings share one weights.bin."""
+    """decoder.onnx, decoder_ort_cpu.onnx, the draft graphs and the embeddings share one weights.bin (the one-call
+    draft graph's draft-vocabulary embedding rows are their own matrix)."""
     from safetensors import safe_open
 
     with safe_open(str(s2_model / "model.safetensors"), "np") as f:  # tied weights are saved once
@@ -140,6 +145,8 @@ def test_each_weight_is_stored_once(s2_bundle, s2_model):
         cfg = json.loads((folder / "drafter_config.json").read_text())
         rows = cfg["draft_vocab"] if isinstance(cfg["draft_vocab"], int) else len(cfg["draft_vocab"])
         drafter_bytes += rows * cfg["hidden_size"] * 4
+        if "draft_tree" in manifest["graphs"]:  # the one-call draft graph embeds only the draft vocabulary's rows
+            drafter_bytes += rows * cfg["hidden_size"] * 4
     # one copy of everything, plus 2% for graph files, the tokenizer and alignment
     assert total < 1.02 * (model_bytes + drafter_bytes), (total, model_bytes, drafter_bytes)
 
@@ -200,6 +207,22 @@ def test_int4_target_is_smaller_and_still_answers(s2_bundle_int4):
     assert q and all(c["argmax_agreement"] >= 0.5 for c in q)
     text = Pipeline.from_bundle(s2_bundle_int4).generate([], TEXT_PROMPTS[0], max_new_tokens=16, speculative=False).text
     assert "Paris" in text
+    # a CPU-only bundle: int4 weights, the drafter included, and no float graphs for TensorRT
+    assert "decoder" not in manifest["graphs"]
+    size = sum(p.stat().st_size for p in Path(s2_bundle_int4).iterdir() if p.is_file())
+    assert size < 150 * 2**20, size
+
+
+def test_int4_verify_rows_equal_plain_steps_bitwise(s2_bundle_int4):
+    """Real weights: every row of branched and single-chain verifies equals plain int4 decoding bit for bit, and
+    so does the step after accepting a path in the second chain."""
+    from helpers import assert_tree_rows_are_plain_steps
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(s2_bundle_int4)
+    ids = pipe.tokenizer.encode(" The capital of France is Paris, and the capital of Italy is Rome.").ids
+    for parents in ([-1, 0, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 2, 3], [-1, 0, 1, 1, 2, 3]):
+        assert_tree_rows_are_plain_steps(pipe, TEXT_PROMPTS[1], ids[:len(parents)], parents)
 
 
 def test_merged_lora_equals_peft(tmp_path):
@@ -263,3 +286,4 @@ def test_draft_vocabulary_takes_frequent_answer_tokens_then_low_ids():
     assert vocab == [2, 3, 4, 7, 40, 50]
     assert draft_vocabulary(ex, size=3, always=[2], vocab_size=100, skip=set()) == [2, 40, 50]
     assert draft_vocabulary(ex, size=6, always=[2], vocab_size=100, skip={0, 1}, fill=False) == [2, 7, 40, 50]
+

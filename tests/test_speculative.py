@@ -214,9 +214,26 @@ def test_tree_spec_lookup_parses_and_old_manifests_read_the_same():
     assert TreeSpec.parse("8,3,2,6") == TreeSpec(8, 3, 2, 6)
     assert TreeSpec(8, 3, 2).to_json() == {"total_tokens": 8, "depth": 3, "top_k": 2}  # no new key without lookup
     assert TreeSpec.from_json(TreeSpec(8, 3, 2, 6).to_json()) == TreeSpec(8, 3, 2, 6)
-    for bad in ("8,3", "8,3,2,1,1", "8,x,2", "0,3,2", "8,3,2,-1"):
-        with pytest.raises(ValueError, match="expected N,D,K or N,D,K,L"):
+    assert TreeSpec.parse("8,3,2,8,-1.5") == TreeSpec(8, 3, 2, 8, -1.5)
+    assert TreeSpec.from_json(TreeSpec(8, 3, 2, 8, -1.5).to_json()) == TreeSpec(8, 3, 2, 8, -1.5)
+    for bad in ("8,3", "8,3,2,1,1", "8,3,2,1,-1,2", "8,x,2", "0,3,2", "8,3,2,-1", "8,3,2,8,x"):
+        with pytest.raises(ValueError, match="expected N,D,K, N,D,K,L or N,D,K,L,P"):
             TreeSpec.parse(bad)
+
+
+def test_select_verifies_only_candidates_above_min_logp():
+    import numpy as np
+
+    from runtime.speculative import DraftTree, SpeculativeDecoder
+
+    #            root  a     b     a1    a2    b1
+    tree = DraftTree(np.arange(6), np.array([0.0, -0.2, -1.0, -0.5, -2.5, -1.2]), np.array([-1, 0, 0, 1, 1, 2]),
+                     np.array([0, 1, 1, 2, 2, 2]))
+    select = SpeculativeDecoder._select
+    assert select(tree, 6).tolist() == [0, 1, 3, 2, 5, 4]
+    assert select(tree, 6, min_logp=-1.1).tolist() == [0, 1, 3, 2]
+    assert select(tree, 6, min_logp=-0.1).tolist() == [0]            # nothing likely enough: a plain step
+    assert select(tree, 6, max_leaves=1, min_logp=-3).tolist() == [0, 1, 3]
 
 
 def test_lookup_adds_the_copied_chain_to_the_tree_and_it_is_accepted(zoo, images):

@@ -1,3 +1,4 @@
-"""The DREAM drafter model and its configuration."""
+"""The DREAM drafter model, its EAGLE-style ablation, their configuration and the factory that picks one."""
 
-from .model import DrafterConfig, DreamDrafter  # noqa: F401
+from .config import DrafterConfig  # noqa: F401
+from .model import DreamDrafter, build_drafter  # noqa: F401

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.graphs import _PlainKV
-from .model import DrafterConfig
+from .config import DrafterConfig, save_drafter
+from .plain_kv import PlainKV
 
 
 class ConcatDrafter(nn.Module):
@@ -56,7 +56,7 @@ class ConcatDrafter(nn.Module):
         has = (score.amax(dim=-1, keepdim=True) > 0).to(feats.dtype)
         prev = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, h)) * has    # [B,Q,H]
         x = self.fc(torch.cat([embeds, prev], dim=-1))
-        cache = _PlainKV([b0_k, b2_k], [b0_v, b2_v])
+        cache = PlainKV([b0_k, b2_k], [b0_v, b2_v])
         cos_sin = self.rotary(x, position_ids)
         x = self.block0(x, attention_mask=self_mask, position_ids=position_ids, cache=cache, use_cache=True,
                         position_embeddings=cos_sin)
@@ -73,6 +73,4 @@ class ConcatDrafter(nn.Module):
                 cache.new_values[1], new_raw, new_pad)
 
     def save(self, folder) -> None:
-        from .model import DreamDrafter
-
-        DreamDrafter.save(self, folder)
+        save_drafter(self, folder)

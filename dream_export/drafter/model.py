@@ -7,88 +7,25 @@ While drafting, the drafter's own predicted features are appended to the memory,
 applies to the cross-attention as well as to the self-attention (the reference code forgets the
 former). Masks, positions and caches are explicit arguments; nothing is stored on the module.
 
+Also here: ``build_drafter``, the factory that picks the architecture a config names (this one or the
+EAGLE-style ablation in ``concat.py``), which ``DreamDrafter.load`` uses. The configuration and the
+on-disk folder are ``config.py``.
+
 Deliberately not here: the target (features come in as tensors), training losses (train/), the tree
 search (runtime/speculative.py).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..export.graphs import _PlainKV
-
-CONFIG_NAME = "drafter_config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-
-@dataclass
-class DrafterConfig:
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int                        # the target's vocabulary (its LM head)
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 2048
-    draft_vocab: list[int] | None = None   # EAGLE-3 style reduced head: draft id -> target id (d2t)
-    mid_layer_candidates: list[int] = field(default_factory=list)  # entropy-selected target layers (training)
-    keep_visual: float = 0.75              # visual token compression: fraction of image tokens the drafter keeps
-    arch: str = "dream"                    # "dream" (cross-attention fusion) or "concat" (EAGLE-style ablation)
-
-    @classmethod
-    def for_target(cls, text_config, **overrides) -> "DrafterConfig":
-        heads = text_config.num_attention_heads
-        layers = text_config.num_hidden_layers
-        cfg = dict(
-            hidden_size=text_config.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // heads,
-            intermediate_size=text_config.intermediate_size,
-            vocab_size=text_config.vocab_size,
-            rms_norm_eps=text_config.rms_norm_eps,
-            rope_theta=_rope_theta(text_config),
-            max_position_embeddings=text_config.max_position_embeddings,
-            # reference code: layers 1 .. int(0.4 L) - 2 (at least layer 1)
-            mid_layer_candidates=list(range(1, max(2, int(0.4 * layers) - 1))),
-        )
-        cfg.update(overrides)
-        return cls(**cfg)
-
-    @property
-    def draft_vocab_size(self) -> int:
-        return len(self.draft_vocab) if self.draft_vocab else self.vocab_size
-
-    def llama_config(self):
-        from transformers import LlamaConfig
-
-        return LlamaConfig(
-            hidden_size=self.hidden_size, num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim, intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
-            vocab_size=self.vocab_size, num_hidden_layers=2, attn_implementation="eager",
-        )
-
-    def save(self, folder: Path) -> None:
-        (Path(folder) / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, folder: Path) -> "DrafterConfig":
-        return cls(**json.loads((Path(folder) / CONFIG_NAME).read_text()))
-
-
-def _rope_theta(text_config) -> float:
-    rp = getattr(text_config, "rope_parameters", None) or {}
-    if isinstance(rp.get("full_attention"), dict):  # one set per layer type (Gemma 3): the global layers' base
-        rp = rp["full_attention"]
-    return float(rp.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+from ..errors import DreamExportError
+from .concat import ConcatDrafter
+from .config import WEIGHTS_NAME, DrafterConfig, load_strict, save_drafter
+from .plain_kv import PlainKV
 
 
 class GatedCrossAttention(nn.Module):
@@ -160,7 +97,7 @@ class DreamDrafter(nn.Module):
         Returns logits [B,Q,Vd], features [B,Q,H], block0 output [B,Q,H], then the new K/V:
         b0_k, b0_v, b2_k, b2_v [B,kvh,Q,hd] and mem_k, mem_v [B,kvh,M,hd]."""
         b0_k, b0_v, b2_k, b2_v, mem_k, mem_v = past
-        cache = _PlainKV([b0_k, b2_k], [b0_v, b2_v])
+        cache = PlainKV([b0_k, b2_k], [b0_v, b2_v])
         cos_sin = self.rotary(embeds, position_ids)
         x = self.block0(embeds, attention_mask=self_mask, position_ids=position_ids, cache=cache,
                         use_cache=True, position_embeddings=cos_sin)
@@ -186,12 +123,7 @@ class DreamDrafter(nn.Module):
 
     # --- weights ----------------------------------------------------------------------------------
     def save(self, folder) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.save(folder)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_NAME)
+        save_drafter(self, folder)
 
     @classmethod
     def load(cls, folder, lm_head_weight: torch.Tensor) -> "DreamDrafter":
@@ -207,23 +139,8 @@ def build_drafter(cfg: DrafterConfig, lm_head_weight: torch.Tensor) -> nn.Module
     if cfg.arch == "dream":
         return DreamDrafter(cfg, lm_head_weight)
     if cfg.arch == "concat":
-        from .concat import ConcatDrafter
-
         return ConcatDrafter(cfg, lm_head_weight)
-    from ..errors import DreamExportError
-
     raise DreamExportError(f"drafter arch {cfg.arch!r}: expected 'dream' or 'concat'")
-
-
-def load_strict(model: nn.Module, state: dict, source: str) -> None:
-    from ..errors import DreamExportError
-
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise DreamExportError(
-            f"{source}: weights do not match the drafter; missing keys: {sorted(result.missing_keys)}; "
-            f"unexpected keys: {sorted(result.unexpected_keys)}"
-        )
 
 
 def full_sequence_masks(n: int, keep: torch.Tensor | None = None, mask_min: float = -1e4):

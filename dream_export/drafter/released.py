@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from ..errors import DreamExportError
-from .model import CONFIG_NAME, DrafterConfig, DreamDrafter
+from .config import CONFIG_NAME, DrafterConfig
+from .model import DreamDrafter
 
 # theirs -> ours, for the cross-attention layer (layers.0 / layers.2 / norm map by prefix)
 _CROSS = {

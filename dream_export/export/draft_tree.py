@@ -44,10 +44,12 @@ class DraftTreeGraph(nn.Module):
         self.depth, self.k = depth, top_k
         self.mask_min = float(mask_min)
         self.embed_scale = float(embed_scale)  # the target's embedding factor (Gemma: sqrt(hidden)); 1 for most
-        self.register_buffer("embed", embed_weight.detach().float().clone(), persistent=False)
         d2t = drafter.config.draft_vocab
         self.register_buffer("d2t", torch.tensor(d2t, dtype=torch.int64) if d2t else torch.zeros(0, dtype=torch.int64),
                              persistent=False)
+        # the embedding rows of the tokens the drafter can propose (its draft vocabulary), indexed by draft id
+        rows = embed_weight.detach().float()
+        self.register_buffer("embed", (rows[self.d2t] if d2t else rows).clone(), persistent=False)
 
     def _to_target(self, idx):
         return self.d2t[idx] if self.d2t.numel() else idx
@@ -69,12 +71,12 @@ class DraftTreeGraph(nn.Module):
         vals, idx = torch.topk(torch.log_softmax(logits[0, -1], dim=-1), k)   # level 1: the root's top-K
         tokens, scores = [self._to_target(idx)], [vals]
         parents = [torch.full((k,), -1, dtype=torch.int64)]
-        f_tok, f_score, f_cand = tokens[0], vals, torch.arange(k)
+        f_idx, f_score, f_cand = idx, vals, torch.arange(k)                # frontier: draft ids, scores, candidates
         anc = torch.eye(k, dtype=torch.bool)                                # frontier x tree self rows (own + ancestors)
         pending = feats[:, -1:]                                             # root's drafted feature, next memory row
         ones = torch.ones(k, 1, dtype=torch.bool)
         for d in range(2, depth + 1):
-            emb = self.embed[f_tok][None]                                   # [1,K,H]
+            emb = self.embed[f_idx][None]                                   # [1,K,H]
             if self.embed_scale != 1.0:
                 emb = emb * torch.tensor(self.embed_scale, dtype=emb.dtype)
             pos = (root_pos + (d - 1)).expand(1, k)
@@ -94,7 +96,7 @@ class DraftTreeGraph(nn.Module):
             if d < depth:
                 base = k + (d - 2) * k * k
                 f_score, best = torch.topk(cand_score, k)
-                f_tok = cand_tok[best]
+                f_idx = i.reshape(-1)[best]
                 f_cand = base + best
                 slot_of = torch.arange(k).repeat_interleave(k)              # candidate -> its parent's slot (a constant)
                 anc = torch.cat([anc[slot_of[best]], torch.eye(k, dtype=torch.bool)], dim=1)

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,15 @@ class ExportOptions:
     drafter: Path | None = None    # a DREAM drafter folder (dream-train output) to add
     tree: "TreeSpec | None" = None
     keep_visual: float | None = None  # override the drafter config's visual token compression
-    draft_precision: str = "fp32"     # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
+    draft_precision: str | None = None  # int8 / int4: also an ORT-CPU draft graph with weight-only quantized MatMuls
+    #                                     (None: as cpu_precision when that is int8/int4, else fp32)
     draft_float: str | None = None    # the draft graphs' own precision (fp32 / fp16); None: fp16 when precision is
     runtime: dict | None = None       # manifest "runtime" defaults (threads, speculative) measured for a shipped drafter
     cpu_precision: str = "fp32"       # int8 / int4: the ORT-CPU decoder with weight-only quantized MatMuls (LM head too)
     precision: str = "fp32"           # fp16: vision and decoder graphs in FP16 with FP32 islands (export/precision.py)
+    head_bits: int | None = None      # the written ORT-CPU decoder's LM head width (8 or 4; default: cpu_precision's)
+    max_chains: int = 2               # root-to-leaf chains one verify call of the written ORT-CPU decoder holds
+    gpu_graphs: bool | None = None    # the float graphs TensorRT builds from; None: unless cpu_precision is int8/int4
 
 
 class _Stages:
@@ -109,6 +113,8 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         hint = ("INT8 graphs are calibrated from an FP32 bundle by calibration.int8.calibrate_bundle "
                 "(dream-export --precision int8 does both); " if opts.precision == "int8" else "")
         raise DreamExportError(f"precision {opts.precision!r}: {hint}export_bundle expects one of {', '.join(PRECISIONS)}")
+    if opts.draft_precision is None:  # a CPU target's drafter at the same weight precision
+        opts = replace(opts, draft_precision=opts.cpu_precision if opts.cpu_precision in ("int8", "int4") else "fp32")
     stages = _Stages([], quiet=quiet)
     adapter = adapter_for(model, processor)
     set_eager_attention(model)
@@ -122,8 +128,19 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     v_spec, v_examples = adapter.vision_graph(hidden, opts.seed)  # the graph's I/O and the feeds it is checked on
     rope_axes = adapter.rope_axes()
     d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes)
-    fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph()
+    from .cpu_decoder import unsupported
+
+    written = opts.cpu_precision != "fp32" and unsupported(adapter) is None  # export/cpu_decoder.py
+    if written and not 1 <= opts.max_chains <= 8:
+        raise DreamExportError(f"max_chains={opts.max_chains}: expected 1..8 root-to-leaf chains per verify call")
+    if opts.head_bits not in (None, 4, 8):
+        raise DreamExportError(f"head_bits={opts.head_bits}: expected 4 or 8")
+    fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph() and not written
     f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes) if fused_ok else None
+    gpu_graphs = opts.gpu_graphs if opts.gpu_graphs is not None else opts.cpu_precision == "fp32"
+    if not gpu_graphs and not written:
+        raise DreamExportError(f"a CPU-only bundle needs the written ORT-CPU decoder (--cpu-precision int8|int4 on a "
+                               f"family it supports); this target: {unsupported(adapter) or 'cpu precision fp32'}")
     embed_scale = adapter.embed_scale()
 
     emb = adapter.embed_tokens().weight.detach().float().numpy()
@@ -156,6 +173,13 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
             if opts.cpu_precision != "fp32":
                 f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
                 checks += q_checks
+        cpu_specs, cpu_arrays = [], {}
+        if written:
+            from .cpu_decoder import export_cpu_decoders
+
+            cpu_specs, c_checks, cpu_arrays = export_cpu_decoders(adapter, decoder, d_spec, cases, tmp, opts.cpu_precision,
+                                                                  opts.head_bits, opts.max_chains, stages)
+            checks += c_checks
         if opts.precision != "fp32":
             v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, v_examples, stages)
             checks += p_checks
@@ -167,12 +191,22 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                 graphs[spec.name] = _inventory_checked(spec, tmp)
         _print_checks(stages, checks)
         raise_on_mismatch(checks)
-        for spec in (v_spec, d_spec, f_spec):
+        if not gpu_graphs:  # a CPU-only bundle: the float graphs were the written decoder's reference, nothing more
+            (tmp / d_spec.file).unlink()
+            d_spec = None
+            if drafter_info and drafter_info.get("tree_graph_ort_cpu"):
+                (tmp / graphs.pop(drafter_info["tree_graph"])["file"]).unlink()
+                drafter_info["tree_graph"] = None
+            if drafter_info and opts.draft_precision != "fp32":
+                graphs["drafter"] = _quantize_stepwise_drafter(graphs["drafter"], tmp, opts.draft_precision, stages)
+        for spec in (v_spec, d_spec, f_spec, *cpu_specs):
             if spec is not None:
                 graphs[spec.name] = _inventory_checked(spec, tmp)
         with stages.stage("one copy of every weight (graphs share weights.bin)"):
             arrays = {k: np.asarray(v, np.float32) for k, v in adapter.extra_arrays().items()}  # e.g. LLaVA-NeXT's image_newline
-            placed, used = share_weights(tmp, [g["file"] for g in graphs.values()], extra={"embed_tokens": emb, **arrays})
+            token_rows = {"embed_tokens": emb} if gpu_graphs else {}  # the written decoder's runtime reads quantized rows
+            placed, used = share_weights(tmp, [g["file"] for g in graphs.values()],
+                                         extra={**token_rows, **cpu_arrays, **arrays})
             for g in graphs.values():
                 g["external_data"] = sorted(used[g["file"]])
         with stages.stage("tokenizer, manifest"):
@@ -198,7 +232,10 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
                     "rope_axes": rope_axes,                            # 3: M-RoPE position ids (runtime/rope.py)
                 },
                 "graphs": graphs,
-                "embeddings": placed["embed_tokens"],
+                "embeddings": placed["embed_tokens"] if gpu_graphs else None,
+                # the written ORT-CPU decoder's model: token rows quantized as its LM head; its rotary tables
+                "embeddings_cpu": _quantized_embeddings(placed, cpu_specs[0], hidden) if written else None,
+                "rope_tables": {"cos": placed["rope_cos"], "sin": placed["rope_sin"]} if written else None,
                 "arrays": {k: placed[k] for k in arrays},  # what the family's preprocessing needs at run time
                 "tokenizer": {"file": "tokenizer.json"},
                 "preprocessing": pre,
@@ -225,6 +262,26 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _quantize_stepwise_drafter(entry: dict, folder: Path, precision: str, stages) -> dict:
+    """A CPU-only bundle's stepwise drafter graph with MatMulNBits weights (int8 compute), in place of the float
+    one; its output is a proposal the target verifies, so any precision stays lossless."""
+    from .quantize import PRECISIONS, quantize_matmuls
+
+    src = folder / entry["file"]
+    part = folder / (entry["file"] + ".q")
+    with stages.stage(f"{precision} weights for the stepwise drafter (MatMulNBits, int8 compute) → {entry['file']}"):
+        quantize_matmuls(src, part, PRECISIONS[precision], accuracy_level=4)
+        os.replace(part, src)
+    return {**entry, "precision": precision}
+
+
+def _quantized_embeddings(placed: dict, spec, hidden: int) -> dict:
+    """The manifest entry of token embeddings stored as the LM head's blockwise-quantized rows."""
+    bits = int(spec.extra["head_bits"])
+    return {"quantized": {"bits": bits, "block": 32, "columns": hidden, "data": placed["embed_q"],
+                          "scales": placed["embed_scales"], "zero_points": placed.get("embed_zero_points")}}
 
 
 def _fp16_graphs(v_spec, d_spec, folder: Path, cases, vision_cases, stages):
@@ -280,7 +337,8 @@ def _inventory_checked(spec, folder: Path) -> dict:
     """The graph's manifest entry with its op inventory. Graphs named ``*_ort_cpu`` are ONNX-Runtime-only by
     design (com.microsoft ops); every other graph must be parsable by TensorRT 8.6/10."""
     inv = op_inventory(folder / spec.file)
-    if not spec.name.endswith("_ort_cpu") and (inv["non_standard"] or inv["not_trt_parsable"]):
+    ort_only = spec.name.endswith("_ort_cpu") or spec.extra.get("for_backend") == "onnxruntime-cpu"
+    if not ort_only and (inv["non_standard"] or inv["not_trt_parsable"]):
         raise DreamExportError(f"{spec.file}: ops TensorRT 8.6/10 cannot parse: {inv['non_standard'] + inv['not_trt_parsable']}")
     return {**spec.to_json(), **inv}
 

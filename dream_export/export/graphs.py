@@ -1,7 +1,7 @@
 """Exportable torch wrappers around a target's own HF modules.
 
 The decoder wrapper runs the family's HF decoder layers unchanged; only the cache is replaced by
-plain tensors (``_PlainKV``), and the mask and position ids are explicit inputs (DESIGN §2.5).
+plain tensors (``PlainKV``), and the mask and position ids are explicit inputs (DESIGN §2.5).
 """
 
 from __future__ import annotations
@@ -9,29 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class _PlainKV:
-    """The smallest object HF attention layers accept as a cache.
-
-    ``update`` appends this call's keys/values to the given past and remembers them, so the graph can
-    return only the new entries: the runtime owns the cache.
-    """
-
-    def __init__(self, past_keys, past_values):
-        self.past_keys = list(past_keys)
-        self.past_values = list(past_values)
-        self.new_keys = [None] * len(self.past_keys)
-        self.new_values = [None] * len(self.past_keys)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.new_keys[layer_idx] = key_states
-        self.new_values[layer_idx] = value_states
-        keys = torch.cat([self.past_keys[layer_idx], key_states], dim=2)
-        values = torch.cat([self.past_values[layer_idx], value_states], dim=2)
-        return keys, values
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.past_keys[layer_idx].shape[2]
+from ..drafter.plain_kv import PlainKV
 
 
 class DecoderGraph(nn.Module):
@@ -55,7 +33,7 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         n = len(self.layers)
-        cache = _PlainKV([k.transpose(1, 2) for k in past[0::2][:n]], [v.transpose(1, 2) for v in past[1::2][:n]])
+        cache = PlainKV([k.transpose(1, 2) for k in past[0::2][:n]], [v.transpose(1, 2) for v in past[1::2][:n]])
         hidden = inputs_embeds
         position_embeddings = self.adapter.layer_position_embeddings(hidden, position_ids)
         masks = self.layer_masks(attention_mask, position_ids, past[0].shape[1])
@@ -110,15 +88,6 @@ def head_logits(lm_head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     w = lm_head.weight
     bias = lm_head.bias if lm_head.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     return torch.nn.functional.linear(hidden.reshape(-1, w.shape[1]), w, bias).reshape(*hidden.shape[:-1], w.shape[0])
-
-
-class EmbeddingGraph(nn.Module):
-    def __init__(self, adapter):
-        super().__init__()
-        self.embed = adapter.embed_tokens()
-
-    def forward(self, input_ids):
-        return self.embed(input_ids)
 
 
 def set_eager_attention(model) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from runtime.ort_threads import session_options
 
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "LayerNormalization", "Softmax", "Cos", "Sin", "Gemm"]
 PRECISIONS = ("fp32", "fp16")
@@ -148,7 +149,7 @@ def activation_ranges(path: Path, cases: list[tuple[str, dict]]) -> dict[str, fl
     """The largest |value| of every float tensor of the FP32 graph at ``path`` over ``cases``."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(_with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
@@ -211,12 +212,6 @@ def to_fp16(src: Path, dst: Path, cases: list[tuple[str, dict]] | None = None, m
                               "largest": {k: round(v, 1) for k, v in top}}}
 
 
-def relative_error(ref: np.ndarray, got: np.ndarray) -> float:
-    if not np.isfinite(got).all():
-        return float("inf")
-    return float(np.linalg.norm(got.astype(np.float64) - ref) / (np.linalg.norm(ref.astype(np.float64)) + 1e-12))
-
-
 FP16_MAX = 65504.0
 
 
@@ -241,7 +236,7 @@ def validate_fp16(name: str, float_path: Path, fp16_path: Path, cases: list[tupl
 
     from .validate import Check, relative_error_check
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.log_severity_level = 3
     ref_sess = ort.InferenceSession(_with_all_outputs(float_path), opts, providers=["CPUExecutionProvider"])
     sess = ort.InferenceSession(str(fp16_path), opts, providers=["CPUExecutionProvider"])

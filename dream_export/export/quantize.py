@@ -1,21 +1,21 @@
-"""Weight-only quantization for ONNX Runtime on CPUs: the drafter (``--draft-precision int8|int4``) and the
-target's ORT-CPU decoder (``--cpu-precision int8|int4``).
+"""Weight-only quantization of traced graphs for ONNX Runtime on CPUs: the drafter (``--draft-precision
+int8|int4``) and, for a family the written ORT-CPU decoder does not cover (``export/cpu_decoder.py``), the
+traced ORT-CPU decoder (``--cpu-precision int8|int4``).
 
 The drafter's output is a proposal the target verifies, so quantizing it can change how many tokens are
 accepted but never which tokens are emitted. Quantizing the target changes the model: greedy output then
 equals plain decoding *at that precision* (plain and speculative decoding run the same quantized graph),
-not the float model's. The standard ``decoder.onnx`` (TensorRT's graph) always stays float.
+not the float model's.
 
 How: ONNX Runtime's own tools. A basic-level ORT optimization pass first (constant folding; it removes
 the Identity nodes the exporter puts in front of weights shared by the unrolled tree levels, which the
 quantizer would otherwise skip), then ``MatMulNBitsQuantizer``: block 32; int8 symmetric, int4 asymmetric
-(as GGUF's Q4_1); int8 activations for the drafter, fp32 for the target (TARGET_ACCURACY_LEVEL). A target's
-LM head stays fp32 (it is the embedding matrix, stored once): SmolLM2-135M's int4 top-1 agreement with the
-float graph was 64% with a symmetric 4-bit head and 77-81% with asymmetric blocks and an fp32 or 8-bit head,
-and with fp32 activations an 8-bit MatMulNBits has no fast CPU kernel (measured: the int8 target decodes at
-3.2 tokens/s against 25.7 for fp32). MatMulNBits is a com.microsoft op: the result is an ORT-only graph; TensorRT keeps the float
-graph. DESIGN §5 (MatMulNBits as the fast CPU weight format) holds for the drafter; see the README for the target.
-Not handled: activation quantization, calibration (see calibration/ for INT8 engines).
+(as GGUF's Q4_1); MatMuls by a signed permutation (rotary's rotate-half) stay fp32, where they are exact.
+Activations: int8 for the drafter (accuracy level 4, the fast kernels); fp32 for a traced target decoder
+(TARGET_ACCURACY_LEVEL), whose step and verify calls run different attention kernels. The written decoder
+gets int8 activations by making every position's arithmetic independent of the call's shape instead.
+MatMulNBits is a com.microsoft op: the result is an ORT-only graph; TensorRT keeps the float graph.
+Not handled: activation quantization for TensorRT (calibration/ does that for INT8 engines).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
+
+from runtime.ort_threads import session_options
 
 PRECISIONS = {"fp32": None, "int8": 8, "int4": 4}
 # Sanity bounds that catch a broken quantized graph (an unrelated output is ~1.0-1.4 off), not quality bounds:
@@ -34,7 +38,7 @@ RELATIVE_TOLERANCE = {"int8": 0.15, "int4": 0.7}
 # (measured on SmolLM2-135M's validation cases: int8 93-100%, int4 77-100%)
 MIN_TOP1_AGREEMENT = {"int8": 0.8, "int4": 0.5}
 ASYMMETRIC = {8: False, 4: True}
-# The target's quantized decoder keeps fp32 activations (MatMulNBits accuracy level 0). With int8 activations
+# A traced target decoder keeps fp32 activations (MatMulNBits accuracy level 0). With int8 activations
 # (level 4) the on-the-fly rounding is discontinuous: the ~1e-6 differences between a 1-token step and an
 # N-token verify call (attention kernels differ by shape) flip roundings, which grow through the layers (on
 # SmolLM2-135M int4, the logits of the same position differed by 0.63 between the two calls, against 6.5e-5 at
@@ -82,6 +86,27 @@ def gemm_to_matmul(model) -> list[str]:
     return done
 
 
+def signed_permutations(model) -> list[str]:
+    """Names of the MatMul nodes whose constant weight is a signed permutation (one +-1 per row and column), such
+    as rotary embedding's rotate-half written as a matrix: fp32 computes them exactly, quantizing would not."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        t = inits[node.input[1]]
+        if len(t.dims) != 2 or t.dims[0] != t.dims[1] or t.dims[0] > 1024:
+            continue
+        w = numpy_helper.to_array(t)
+        nz = w != 0
+        if np.all(np.abs(w[nz]) == 1) and np.all(nz.sum(0) == 1) and np.all(nz.sum(1) == 1):
+            node.name = node.name or f"signed_permutation_{len(names)}"
+            names.append(node.name)
+    return names
+
+
 def quantize_matmuls(src: Path, dst: Path, bits: int, block_size: int = 32, heads: bool = False,
                      head_bits: int | None = None, accuracy_level: int = 4) -> int:
     """Write ``dst``: ``src`` with every MatMul by a constant weight as MatMulNBits (``heads``: Gemm heads first
@@ -95,7 +120,7 @@ def quantize_matmuls(src: Path, dst: Path, bits: int, block_size: int = 32, head
     dst = Path(dst)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp:
         folded = Path(tmp) / "folded.onnx"
-        so = ort.SessionOptions()
+        so = session_options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(folded)
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
@@ -106,7 +131,8 @@ def quantize_matmuls(src: Path, dst: Path, bits: int, block_size: int = 32, head
             model = onnx.load(str(folded))
             head_nodes = gemm_to_matmul(model) if heads else []
             split = bool(head_nodes) and head_bits not in (None, bits)
-            passes = [(bits, head_nodes if split else [])] + ([(head_bits, [])] if split else [])
+            exact = signed_permutations(model)  # e.g. rotary's rotate-half: exact and tiny in fp32
+            passes = [(bits, exact + (head_nodes if split else []))] + ([(head_bits, exact)] if split else [])
             for b, exclude in passes:  # the body, then (when its width differs) the heads, the only MatMuls left
                 q = MatMulNBitsQuantizer(model, bits=b, block_size=block_size, is_symmetric=not ASYMMETRIC[b],
                                          accuracy_level=accuracy_level, nodes_to_exclude=exclude)

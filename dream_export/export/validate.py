@@ -21,6 +21,7 @@ import torch
 from runtime.tree import causal_mask, depths, random_tree, tree_mask
 
 from ..errors import ValidationError
+from runtime.ort_threads import session_options
 
 MAX_PREFILL = 64   # prompt tokens used for the prefill case
 TREE_NODES = 16
@@ -72,7 +73,7 @@ class TextSample:
 
 
 def _session(path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -259,3 +260,92 @@ def relative_error_check(graph: str, case: str, name: str, ref: np.ndarray, got:
     while a broken graph is off by ~100%."""
     err = float(np.linalg.norm(got - ref) / (np.linalg.norm(ref) + 1e-12)) if np.isfinite(got).all() else float("inf")
     return Check(graph, case, f"{name} (relative L2 error)", err, bound)
+
+
+def parents_from_mask(mask: np.ndarray, past_len: int) -> np.ndarray:
+    """A tree verify mask [1,1,N,P+N] (0 where allowed) back to its parents (-1 for the root): a node's parent is
+    its latest allowed earlier node (ancestors come before their descendants)."""
+    allowed = mask[0, 0, :, past_len:] == 0
+    n = allowed.shape[0]
+    return np.array([max((j for j in range(i) if allowed[i, j]), default=-1) for i in range(n)], np.int64)
+
+
+def first_chains(parents: np.ndarray, count: int) -> np.ndarray:
+    """The nodes of a tree's first ``count`` root-to-leaf chains (ascending: still parents before children)."""
+    from runtime.chains import chains_of
+
+    rows, _, _ = chains_of(parents)
+    return np.unique(rows[:count])
+
+
+def run_chain_cases(dec, cases, kv: dict):
+    """The written CPU decoder (``runtime.chains.ChainDecoder``) over ``decoder_cases``' sequence: the prefill, the
+    step, then the tree (its first ``dec.chains`` chains), each over the graph's own K/V. Yields (case, kept rows of
+    the case, outputs, {"key"/"value": the kept rows' new K/V as [layers, 1, N, kvh, hd]})."""
+    for case, feeds in cases:
+        q = feeds["inputs_embeds"].shape[1]
+        p = feeds[kv["past_key"][0]].shape[1]
+        if dec.length != p:
+            raise ValidationError(f"{case}: the written decoder holds {dec.length} positions, the case's past {p}")
+        if case.startswith("tree"):
+            parents = parents_from_mask(feeds["attention_mask"], p)
+            kept = first_chains(parents, dec.chains)
+            remap = {int(u): i for i, u in enumerate(kept)}
+            sub = np.array([remap[int(parents[u])] if parents[u] >= 0 else -1 for u in kept], np.int64)
+            res = dec.run_tree(feeds["inputs_embeds"][:, kept], sub)
+            rows, slots, depth = dec.last_layout()
+        else:
+            kept = np.arange(q)
+            res = dec.run(feeds["inputs_embeds"])
+            rows, slots, depth = np.arange(q)[None], np.arange(q), np.arange(q)
+        yield case, kept, res, dec.new_rows(slots // max(rows.shape[1], dec.min_len), depth)
+        if case.startswith("tree"):  # the last case
+            return
+        dec.commit()
+
+
+def validate_cpu_decoder(reference, d_spec, spec, dec, cases) -> list[Check]:
+    """The written CPU decoder at fp32 against the PyTorch decoder on the same cases: logits, hidden states and the
+    new K/V rows (every layer), a tree case verified over its root-to-leaf chains."""
+    names = [t.name for t in d_spec.inputs]
+    kv = d_spec.extra["kv"]
+    checks = []
+    for case, kept, res, new in run_chain_cases(dec, cases, kv):
+        feeds = dict(cases)[case]
+        with torch.no_grad():
+            ref = dict(zip([t.name for t in d_spec.outputs], reference(*[torch.from_numpy(feeds[n]) for n in names])))
+        for name in ("logits", "hidden_states"):
+            checks.append(compare(spec.name, case, name, ref[name].numpy()[:, kept], res[name], spec.atol, spec.rtol))
+        for kind, key in (("key", "present_key"), ("value", "present_value")):
+            want = np.stack([ref[n].numpy()[:, kept] for n in kv[key]])
+            checks.append(compare(spec.name, case, f"present_{kind}_* (every layer)", want, new[kind], spec.atol, spec.rtol))
+    return checks
+
+
+def validate_quantized_cpu_decoder(spec, float_dec, q_dec, cases, kv: dict, precision: str) -> list[Check]:
+    """The quantized written decoder against its fp32 build on the same sequence: every output finite, the hidden
+    states' and new K/V rows' relative L2 error within RELATIVE_TOLERANCE, and the logits' top-1 agreement
+    over all the sequence's positions at least MIN_TOP1_AGREEMENT (sanity bounds against a broken graph, not
+    quality bounds; per case the agreement is reported, not bounded: a case of a few rows is too few to judge)."""
+    from .quantize import MIN_TOP1_AGREEMENT, RELATIVE_TOLERANCE
+
+    graph = f"{spec.name}_{precision}"
+    checks, agree = [], []
+    for (case, _, ref, ref_new), (_, _, got, got_new) in zip(run_chain_cases(float_dec, cases, kv),
+                                                             run_chain_cases(q_dec, cases, kv)):
+        finite = all(np.isfinite(got[n]).all() for n in ("logits", "hidden_states"))
+        c = Check(graph, case, "logits (finite)", 0.0 if finite else float("inf"), 0.0)
+        if finite:
+            r, g = ref["logits"].reshape(-1, ref["logits"].shape[-1]), got["logits"].reshape(-1, got["logits"].shape[-1])
+            same = r.argmax(-1) == g.argmax(-1)
+            c.argmax_agreement = float(same.mean())
+            agree += same.tolist()
+        checks.append(c)
+        checks.append(relative_error_check(graph, case, "hidden_states", ref["hidden_states"], got["hidden_states"],
+                                           RELATIVE_TOLERANCE[precision]))
+        for kind in ("key", "value"):
+            checks.append(relative_error_check(graph, case, f"present_{kind}_*", ref_new[kind], got_new[kind],
+                                               RELATIVE_TOLERANCE[precision]))
+    total = Check(graph, "all cases", "logits top-1", 0.0, 0.0, argmax_agreement=float(np.mean(agree)) if agree else 0.0,
+                  min_agreement=MIN_TOP1_AGREEMENT[precision])
+    return checks + [total]

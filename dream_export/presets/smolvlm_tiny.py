@@ -12,7 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..registry import store_root
+from runtime.store import store_root
+
+from .shipped import drafter_and_tree
 from .tiny import TinyVLMSpec, build_tiny_vlm
 
 SHIPPED = Path(__file__).with_name("smolvlm_tiny")
@@ -43,8 +45,6 @@ def ensure_smolvlm_tiny() -> Path:
 def shipped_drafter(source) -> tuple[Path, dict | None] | None:
     """(drafter folder, default tree as JSON or None) when ``source`` is the shipped smolvlm-tiny and its
     trained drafter ships too; dream-export then adds it unless told otherwise."""
-    from . import drafter_and_tree
-
     try:
         if Path(source).resolve() != SHIPPED.resolve():
             return None

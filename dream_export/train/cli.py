@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from ..drafter.model import DrafterConfig
+        from ..drafter.config import DrafterConfig, drafter_folder
         from ..export.exporter import load_target
         from ..registry import resolve_model
         from .data import load_samples
@@ -80,9 +80,7 @@ def main(argv=None) -> int:
             raise DreamExportError(f"--data has {len(samples)} samples; expected more than --heldout {args.heldout}")
         width = {}
         if args.init is not None:
-            from ..cli import _drafter_folder
-
-            args.init = _drafter_folder(args.init)
+            args.init = drafter_folder(args.init)
             if not (args.init / "drafter_config.json").is_file():
                 raise DreamExportError(f"--init {args.init}: expected a drafter folder (drafter_config.json, "
                                        "model.safetensors) or a dream-train --out folder holding one")

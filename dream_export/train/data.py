@@ -97,6 +97,13 @@ def _llava(path: Path) -> list[Sample]:
     return out
 
 
+def chat_text(processor, prompt: str, n_images: int = 0, generation_prompt: bool = True) -> str:
+    """One user turn (``n_images`` images, then ``prompt``) through the target's chat template: how every
+    training prompt is written (``features`` and ``selfinstruct``)."""
+    messages = [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+
+
 def open_images(sample: Sample) -> list[Image.Image]:
     from PIL import ImageOps
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Sample, open_images
+from .data import Sample, chat_text, open_images
+from .selfinstruct import greedy_answers
 
 
 def entropy_select(attentions, hidden_states, candidates: list[int]):
@@ -32,13 +33,6 @@ def entropy_select(attentions, hidden_states, candidates: list[int]):
     feats = torch.stack([hidden_states[layer + 1][0] for layer in candidates])  # [C,S,H]
     selected = feats[choice, torch.arange(feats.shape[1])]
     return selected, torch.tensor(candidates)[choice]
-
-
-def chat_text(processor, prompt: str, n_images: int = 0, generation_prompt: bool = True) -> str:
-    """One user turn (``n_images`` images, then ``prompt``) through the target's chat template: how every
-    training prompt is written (here and in ``selfinstruct``)."""
-    messages = [{"role": "user", "content": [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
 
 
 @torch.no_grad()
@@ -141,8 +135,6 @@ def build_cache(model, processor, samples: list[Sample], out: Path, candidates: 
 def _batch_answers(model, processor, chunk: list[Sample], max_new_tokens: int, batch: int) -> list[Sample]:
     """``chunk`` with the greedy answers of its text-only samples filled in, generated in batches."""
     from dataclasses import replace
-
-    from .selfinstruct import greedy_answers
 
     todo = [i for i, s in enumerate(chunk) if not s.images and s.temperature == 0 and s.answer is None]
     if batch <= 1 or len(todo) < 2:

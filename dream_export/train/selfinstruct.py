@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DreamExportError
-from .features import chat_text
+from .data import chat_text
 
 _MARK = "\x00dream-export-user-text\x00"
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..drafter.model import DrafterConfig, DreamDrafter, build_drafter, full_sequence_masks
+from ..drafter.config import DrafterConfig, load_strict
+from ..drafter.model import DreamDrafter, build_drafter, full_sequence_masks
 
 
 @dataclass
@@ -170,15 +171,11 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
     if (ckpt / "state.json").exists():
         from safetensors.torch import load_file
 
-        from ..drafter.model import load_strict
-
         load_strict(drafter, load_file(ckpt / "model.safetensors"), str(ckpt))
         opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
     elif opts.init is not None:
         from safetensors.torch import load_file
-
-        from ..drafter.model import load_strict
 
         init = Path(opts.init)
         have = DrafterConfig.load(init)

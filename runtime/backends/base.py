@@ -120,36 +120,109 @@ def _at_least(version: str, minimum: tuple[int, int]) -> bool:
     return tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) >= minimum
 
 
+# The provider each GPU backend name stands for, and what ``auto`` tries next when it is not in effect.
+_PROVIDER = {"ort-trt": "TensorrtExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}
+_FALLBACK = {"ort-trt": "ort-cuda", "ort-cuda": "ort-cpu"}
+
+
+def provider_in_effect(name: str, active: list[str]) -> str | None:
+    """None when a session created for backend ``name`` really runs on its provider (``active`` is that
+    session's ``get_providers()``), else why not. onnxruntime-gpu lists the TensorRT provider as available even
+    where TensorRT's libraries are missing; a session then silently runs on CUDA (or the CPU)."""
+    want = _PROVIDER.get(name)
+    if want is None or want in active:
+        return None
+    return (f"backend {name}: ONNX Runtime lists {want} but a session created with it runs on {active} "
+            f"(its libraries did not load: for TensorRT, libnvinfer of a version this onnxruntime was built for; "
+            f"for CUDA, the CUDA and cuDNN libraries)")
+
+
 def make_backend(bundle, backend: str = "auto", threads: int | None = None, device_id: int = 0) -> Backend:
     name, why = resolve_backend(backend)
     from .ort import OrtBackend
 
-    if name == "trt":
-        from .trt import TrtBackend
+    while True:
+        if name == "trt":
+            from .trt import TrtBackend
 
-        b = TrtBackend(bundle, device_id=device_id)
-        b.why = why
-        return b
-    b = OrtBackend(bundle, threads=threads, providers=provider_list(name, bundle, device_id), device_id=device_id)
-    b.name, b.why = name, why
-    return b
+            b = TrtBackend(bundle, device_id=device_id)
+            b.why = why
+            return b
+        cls = _ort_trt_backend() if name == "ort-trt" else OrtBackend
+        b = cls(bundle, threads=threads, providers=provider_list(name, bundle, device_id), device_id=device_id)
+        b.name, b.why = name, why
+        if name not in _PROVIDER:
+            return b
+        # the first session (kept: the backend would open it anyway) says which provider is in effect
+        first = next(g for g in ("vision", "decoder", *b._specs) if g in b._specs)
+        problem = provider_in_effect(name, list(b.session(first).get_providers()))
+        if problem is None:
+            return b
+        if backend != "auto":
+            raise BackendUnavailable(problem)
+        name, why = _FALLBACK[name], f"auto: {problem}; so {_FALLBACK[name]}"
 
 
-def provider_list(name: str, bundle, device_id: int = 0) -> list:
-    """ONNX Runtime providers (with their options) for a resolved backend name. The TensorRT provider caches its
-    engines and timing cache inside the bundle (``engines/ort-trt/``; engines are not portable: the provider
-    keys them by GPU, TensorRT version and graph)."""
+def _ort_trt_backend():
+    """ONNX Runtime with the TensorRT provider, each graph's session given that graph's optimization profiles."""
+    from .ort import OrtBackend
+
+    class OrtTrtBackend(OrtBackend):
+        def providers_for(self, graph: str) -> list:
+            return provider_list("ort-trt", self.bundle, self.device_id, graph=graph)
+
+        def session(self, graph: str):
+            if graph not in self._sessions:
+                self.providers = self.providers_for(graph)
+            return super().session(graph)
+
+    return OrtTrtBackend
+
+
+def trt_profile_options(bundle, graph: str) -> dict:
+    """ONNX Runtime TensorRT provider options with the graph's optimization profiles (``trt_plan.Plan``): without
+    them the provider builds an engine for the shapes it first sees and rebuilds it whenever the past grows past
+    them. Format: ``name:d0xd1x...`` comma-separated; an input listed again starts the next profile."""
+    from .trt_plan import Plan, profile_shapes
+
+    plan = Plan.from_manifest(bundle.manifest)
+    if graph not in plan.profiles:
+        return {}
+    out = {}
+    for point in ("min", "opt", "max"):
+        out[f"trt_profile_{point}_shapes"] = ",".join(
+            f"{name}:{'x'.join(str(d) for d in shapes[point])}"
+            for prof in profile_shapes(plan, graph) for name, shapes in prof.items())
+    return out
+
+
+def provider_list(name: str, bundle, device_id: int = 0, graph: str | None = None) -> list:
+    """ONNX Runtime providers (with their options) for a resolved backend name; ``graph``: the graph the session
+    is for (the TensorRT provider then gets its optimization profiles).
+
+    The TensorRT provider's options: no ``trt_fp16_enable`` (a bundle's precision lives in its graphs; the flag
+    would also let TensorRT run their fp32 head and islands in fp16), ``trt_int8_enable`` for INT8 bundles (their
+    Q/DQ graphs need the builder's INT8 mode; no calibration table: the scales are in the graph). Engines and the
+    timing cache go into ``engines/ort-trt-<onnxruntime version>/`` in the bundle: the provider names a cached
+    engine by a hash of its subgraph and the GPU's compute capability only, not by the onnxruntime or TensorRT
+    version, so a folder per onnxruntime version keeps an upgrade from loading an engine it did not build
+    (after a TensorRT upgrade under the same onnxruntime, delete the folder)."""
     if name == "ort-cpu":
         return ["CPUExecutionProvider"]
     cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
     if name == "ort-cuda":
         return [cuda, "CPUExecutionProvider"]
+    import onnxruntime as ort
+
     precision = str((bundle.manifest.get("precision") or "fp32"))
-    cache = str(Path(bundle.path) / "engines" / "ort-trt")
-    trt = ("TensorrtExecutionProvider", {
+    cache = str(Path(bundle.path) / "engines" / f"ort-trt-{ort.__version__}")
+    options = {
         "device_id": str(device_id),
-        "trt_fp16_enable": "True" if precision == "fp16" else "False",
+        "trt_fp16_enable": "False",
+        "trt_int8_enable": "True" if precision == "int8" else "False",
         "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
-    })
-    return [trt, cuda, "CPUExecutionProvider"]
+    }
+    if graph is not None:
+        options.update(trt_profile_options(bundle, graph))
+    return [("TensorrtExecutionProvider", options), cuda, "CPUExecutionProvider"]

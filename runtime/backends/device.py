@@ -20,11 +20,14 @@ come back to the host (``trt_plan.Plan.logits_rows``).
 from __future__ import annotations
 
 import ctypes
+import sys
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..decoder import DecoderRunner
+from ..runner import DecoderRunner
 from ..errors import BundleError
 from .trt_plan import kv_row_copies
 
@@ -39,34 +42,75 @@ class Buffer:
 
 
 class HostMemory:
-    """The memory interface on host memory (numpy + memmove), aligned as TensorRT requires device pointers."""
+    """The memory interface on host memory (numpy + memmove), aligned as TensorRT requires device pointers. It
+    counts what is live (``live_bytes``) and how often a caller waits (``syncs``), as the CUDA memory does, so
+    lifetimes and synchronization are tested here."""
 
     device_type = "cpu"
     device_id = 0
+
+    def __init__(self):
+        self.live: dict[int, int] = {}  # ptr -> bytes of every allocation not freed yet
+        self.syncs = 0
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(self.live.values())
 
     def alloc(self, nbytes: int) -> Buffer:
         raw = np.zeros(max(int(nbytes), 1) + ALIGN, np.uint8)
         base = raw.ctypes.data
         start = (-base) % ALIGN
-        return Buffer(base + start, int(nbytes), raw)
+        buf = Buffer(base + start, int(nbytes), raw)
+        self.live[buf.ptr] = buf.nbytes
+        return buf
 
     def upload(self, dst: int, arr: np.ndarray) -> None:
         a = np.ascontiguousarray(arr)
         ctypes.memmove(dst, a.ctypes.data, a.nbytes)
 
     def download(self, src: int, shape, dtype) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        ctypes.memmove(out.ctypes.data, src, out.nbytes)
+        return self.download_many([(src, shape, dtype)])[0]
+
+    def download_many(self, items) -> list[np.ndarray]:
+        """Several device-to-host copies, then one wait: ``items`` are (src, shape, dtype)."""
+        out = []
+        for src, shape, dtype in items:
+            a = np.empty(shape, dtype)
+            ctypes.memmove(a.ctypes.data, src, a.nbytes)
+            out.append(a)
+        self.synchronize()
         return out
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         ctypes.memmove(dst, src, nbytes)
 
     def synchronize(self) -> None:
-        pass
+        self.syncs += 1
 
     def free(self, buf: Buffer) -> None:
+        """Idempotent: a buffer freed twice is freed once."""
+        self.live.pop(buf.ptr, None)
         buf.owner = None
+
+    def close(self) -> None:
+        self.live.clear()
+
+
+CUDA_PYTHON_SUPPORTED = (12, 13)  # [12, 13): what pyproject's trt extra pins, to match tensorrt-cu12 and JetPack 6
+
+
+def check_cuda_python_version(version: str) -> None:
+    """Refuse a cuda-python outside 12.x with what to install: 13.x needs a CUDA 13 driver (JetPack 6 has 12.x)
+    and changes how handles convert to ints, which this backend relies on."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise ImportError(f"cuda-python version {version!r}: expected a version like 12.6.0") from None
+    lo, hi = CUDA_PYTHON_SUPPORTED
+    if not lo <= major < hi:
+        raise ImportError(f"cuda-python {version} is installed; this runtime supports {lo}.x "
+                          f"(pip install 'cuda-python>={lo}.2,<{hi}')")
 
 
 def cudart_module():
@@ -75,6 +119,14 @@ def cudart_module():
         from cuda.bindings import runtime as cudart  # type: ignore
     except ImportError:
         from cuda import cudart  # type: ignore
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("cuda-python", "cuda-bindings"):
+        try:
+            check_cuda_python_version(version(dist))
+            break
+        except PackageNotFoundError:
+            continue
     return cudart
 
 
@@ -90,7 +142,11 @@ def cuda_check(result):
 
 class CudaMemory:
     """The memory interface on a CUDA device through cuda-python, on one stream (written against the CUDA runtime
-    API as NVIDIA's TensorRT Python samples use it; runs only where a GPU and cuda-python are present)."""
+    API as NVIDIA's TensorRT Python samples use it; runs only where a GPU and cuda-python are present).
+
+    Host sides of copies go through one pinned staging area (``cudaMallocHost``): uploads are queued without a
+    wait, downloads of one call are queued together and waited for once (``download_many``). The staging area
+    is reused from its start after every wait."""
 
     device_type = "cuda"
 
@@ -99,7 +155,13 @@ class CudaMemory:
         self.device_id = device_id
         cuda_check(self.cudart.cudaSetDevice(device_id))
         self.stream = cuda_check(self.cudart.cudaStreamCreate())
-        self._live: list[int] = []
+        self.live: dict[int, int] = {}
+        self.syncs = 0
+        self._pinned, self._pinned_bytes, self._pinned_used = None, 0, 0
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(self.live.values())
 
     def properties(self) -> tuple[str, tuple[int, int], int]:
         """(GPU name, compute capability, total memory bytes)."""
@@ -107,42 +169,86 @@ class CudaMemory:
         name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
         return name.strip("\x00 "), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem)
 
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) device bytes (``cudaMemGetInfo``)."""
+        free, total = cuda_check(self.cudart.cudaMemGetInfo())
+        return int(free), int(total)
+
     def alloc(self, nbytes: int) -> Buffer:
-        ptr = int(cuda_check(self.cudart.cudaMalloc(max(int(nbytes), 1))))  # cudaMalloc aligns to >= 256 bytes
-        cuda_check(self.cudart.cudaMemset(ptr, 0, max(int(nbytes), 1)))  # finite padding rows (device.DeviceDecoder)
-        self._live.append(ptr)
+        n = max(int(nbytes), 1)
+        ptr = _address(cuda_check(self.cudart.cudaMalloc(n)))  # cudaMalloc aligns to >= 256 bytes
+        # finite padding rows (device.DeviceDecoder); queued on our stream, ordered before any use of the buffer
+        cuda_check(self.cudart.cudaMemsetAsync(ptr, 0, n, self.stream))
+        self.live[ptr] = int(nbytes)
         return Buffer(ptr, int(nbytes))
 
     def _kind(self, name: str):
         return getattr(self.cudart.cudaMemcpyKind, name)
 
+    def _stage(self, nbytes: int) -> int:
+        """Host address of ``nbytes`` of pinned staging, valid until the next wait."""
+        need = self._pinned_used + (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN
+        if need > self._pinned_bytes:
+            self.synchronize()  # queued copies may still read the old area
+            if self._pinned is not None:
+                cuda_check(self.cudart.cudaFreeHost(self._pinned))
+            size = 1 << max(20, int(max(need, 2 * self._pinned_bytes) - 1).bit_length())
+            self._pinned, self._pinned_bytes = _address(cuda_check(self.cudart.cudaMallocHost(size))), size
+            need = (int(nbytes) + ALIGN - 1) // ALIGN * ALIGN
+        ptr = self._pinned + self._pinned_used
+        self._pinned_used = need
+        return ptr
+
     def upload(self, dst: int, arr: np.ndarray) -> None:
         a = np.ascontiguousarray(arr)
-        cuda_check(self.cudart.cudaMemcpyAsync(dst, a.ctypes.data, a.nbytes, self._kind("cudaMemcpyHostToDevice"), self.stream))
-        # pageable source: the copy has left ``a`` once the call returns, but keep ordering simple and explicit
-        self.synchronize()
+        host = self._stage(a.nbytes)
+        ctypes.memmove(host, a.ctypes.data, a.nbytes)
+        cuda_check(self.cudart.cudaMemcpyAsync(dst, host, a.nbytes, self._kind("cudaMemcpyHostToDevice"), self.stream))
 
     def download(self, src: int, shape, dtype) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        cuda_check(self.cudart.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, self._kind("cudaMemcpyDeviceToHost"), self.stream))
+        return self.download_many([(src, shape, dtype)])[0]
+
+    def download_many(self, items) -> list[np.ndarray]:
+        outs, staged = [], []
+        for src, shape, dtype in items:
+            a = np.empty(shape, dtype)
+            host = self._stage(a.nbytes)
+            cuda_check(self.cudart.cudaMemcpyAsync(host, src, a.nbytes, self._kind("cudaMemcpyDeviceToHost"), self.stream))
+            outs.append(a)
+            staged.append(host)
         self.synchronize()
-        return out
+        for a, host in zip(outs, staged):
+            ctypes.memmove(a.ctypes.data, host, a.nbytes)
+        return outs
 
     def copy(self, dst: int, src: int, nbytes: int) -> None:
         cuda_check(self.cudart.cudaMemcpyAsync(dst, src, nbytes, self._kind("cudaMemcpyDeviceToDevice"), self.stream))
 
     def synchronize(self) -> None:
         cuda_check(self.cudart.cudaStreamSynchronize(self.stream))
+        self.syncs += 1
+        self._pinned_used = 0
 
     def free(self, buf: Buffer) -> None:
-        if buf.ptr in self._live:
-            self._live.remove(buf.ptr)
+        """Idempotent. Waits for queued work first: a kernel or copy may still use the buffer."""
+        if buf.ptr in self.live:
+            self.synchronize()
+            del self.live[buf.ptr]
             cuda_check(self.cudart.cudaFree(buf.ptr))
 
     def close(self) -> None:
-        for ptr in self._live:
+        self.synchronize()
+        for ptr in list(self.live):
             self.cudart.cudaFree(ptr)
-        self._live.clear()
+        self.live.clear()
+        if self._pinned is not None:
+            self.cudart.cudaFreeHost(self._pinned)
+            self._pinned, self._pinned_bytes = None, 0
+
+
+def _address(handle) -> int:
+    """A device or host pointer as an int (cuda-python returns ints for these in both 12.x and 13.x)."""
+    return int(handle)
 
 
 class OrtPointerExecutor:
@@ -179,6 +285,168 @@ class _Grown:
             self.buf = self.memory.alloc(1 << max(8, int(nbytes - 1).bit_length()))
         return self.buf.ptr
 
+    def free(self) -> None:
+        if self.buf is not None:
+            self.memory.free(self.buf)
+            self.buf = None
+
+
+class GraphRunner:
+    """Runs one engine's calls and keeps CUDA graphs of those a caller marks as repeatable (``graph_key``).
+
+    A graph replays the very addresses and shapes it was captured with, so it is keyed on all of them: the
+    profile and every bound tensor's (name, address, shape). A call whose buffers live elsewhere (another
+    decoder, a buffer freed and allocated again) gets a graph of its own, never another call's. At most
+    ``limit`` graphs are kept, the least recently used destroyed first. A failed capture turns graphs off for this
+    engine, said once, and the call runs as usual.
+
+    Subclasses give the four primitives: ``run`` (execute now), ``capture`` (execute once as a graph, return a
+    handle), ``launch`` (replay a handle) and ``destroy`` (release it)."""
+
+    def __init__(self, enabled: bool = True, limit: int = 64, log=None):
+        self.enabled, self.limit = enabled, int(limit)
+        self.graphs: OrderedDict = OrderedDict()
+        self.captures = self.replays = 0
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    @staticmethod
+    def key(profile: str, inputs: dict, outputs: dict) -> tuple:
+        bound = tuple(sorted((name, int(ptr), tuple(int(d) for d in shape))
+                             for name, (ptr, shape, _) in {**inputs, **outputs}.items()))
+        return (profile, bound)
+
+    def execute(self, profile: str, inputs: dict, outputs: dict, graph_key=None) -> None:
+        """``graph_key`` not None: the caller keeps these buffers for later calls of these shapes, so the call may
+        be captured and replayed."""
+        if graph_key is None or not self.enabled:
+            self.run(profile, inputs, outputs)
+            return
+        key = self.key(profile, inputs, outputs)
+        handle = self.graphs.get(key)
+        if handle is not None:
+            self.graphs.move_to_end(key)
+            self.launch(handle)
+            self.replays += 1
+            return
+        try:
+            handle = self.capture(profile, inputs, outputs)
+        except Exception as exc:  # noqa: BLE001 - an unsupported capture must not stop decoding
+            self.enabled = False
+            self.clear()
+            self.log(f"dream-export: CUDA graphs off for this engine ({type(exc).__name__}: {exc}); running without")
+            self.run(profile, inputs, outputs)
+            return
+        self.captures += 1
+        self.graphs[key] = handle
+        while len(self.graphs) > self.limit:
+            _, old = self.graphs.popitem(last=False)
+            self.destroy(old)
+
+    def clear(self) -> None:
+        while self.graphs:
+            _, handle = self.graphs.popitem(last=False)
+            self.destroy(handle)
+
+    def run(self, profile, inputs, outputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def capture(self, profile, inputs, outputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def launch(self, handle):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def destroy(self, handle) -> None:
+        pass
+
+
+class HostGraphs(GraphRunner):
+    """The host stand-in for CUDA graphs over an ONNX Runtime session: a "capture" runs the call and records its
+    bindings; a "launch" runs the recorded bindings again, whatever the caller bound this time, which is what
+    replaying a CUDA graph does. Tests of graph keying and of buffer reuse run on it."""
+
+    def __init__(self, session, memory, enabled: bool = True, limit: int = 64):
+        super().__init__(enabled, limit)
+        self.executor = OrtPointerExecutor(session, memory)
+
+    def run(self, profile, inputs, outputs):
+        self.executor(inputs, outputs)
+
+    def capture(self, profile, inputs, outputs):
+        self.executor(inputs, outputs)
+        return (dict(inputs), dict(outputs))
+
+    def launch(self, handle):
+        self.executor(*handle)
+
+    def __call__(self, inputs, outputs, graph_key=None):
+        self.execute("decoder", inputs, outputs, graph_key)
+
+
+class DecoderBuffers:
+    """Every buffer one ``DeviceDecoder`` uses: the K/V cache, the scratch rows, the staging of inputs and
+    outputs, and (for CUDA graphs) the fixed-address buffers of steps and verifies. ``free`` returns all of it."""
+
+    def __init__(self, memory, n_past: int, capacity: int, row_bytes: int, fixed_sizes: dict | None, fixed_q: int):
+        self.memory, self.capacity, self.row_bytes = memory, int(capacity), int(row_bytes)
+        self.cache = [memory.alloc(capacity * row_bytes) for _ in range(n_past)]  # zeroed: padding is finite
+        self.scratch = [_Grown(memory) for _ in range(n_past)]
+        self.staging = {n: _Grown(memory) for n in ("inputs_embeds", "attention_mask", "position_ids",
+                                                     "logits", "hidden_states", "attention_received")}
+        self.fixed_buffers: list[Buffer] = []
+        self.fixed, self.fixed_scratch = {}, []
+        if fixed_sizes:
+            self.fixed_buffers = [memory.alloc(b) for b in fixed_sizes.values()]
+            self.fixed_buffers += [memory.alloc(fixed_q * row_bytes) for _ in range(n_past)]
+            self.fixed = {n: b.ptr for n, b in zip(fixed_sizes, self.fixed_buffers)}
+            self.fixed_scratch = [b.ptr for b in self.fixed_buffers[len(fixed_sizes):]]
+
+    def free(self) -> None:
+        for b in self.cache + self.fixed_buffers:
+            self.memory.free(b)
+        for g in self.scratch + list(self.staging.values()):
+            g.free()
+        self.cache, self.fixed_buffers, self.fixed, self.fixed_scratch = [], [], {}, []
+
+
+class DecoderPool:
+    """Decoder buffers reused from one request to the next: a closed (or collected) ``DeviceDecoder`` gives its
+    buffers back, the next decoder of the same layout takes them, so a long-running process holds one set per
+    decoder alive at once (not one per request ever made), and CUDA graphs keyed on those addresses replay
+    across requests. ``close`` frees everything, in use or not."""
+
+    def __init__(self):
+        self.idle: dict[tuple, list[DecoderBuffers]] = {}
+        self.in_use: set[int] = set()
+        self._all: list[DecoderBuffers] = []
+
+    def take(self, layout: tuple, make) -> DecoderBuffers:
+        free = self.idle.get(layout)
+        bufs = free.pop() if free else None
+        if bufs is None:
+            bufs = make()
+            self._all.append(bufs)
+        self.in_use.add(id(bufs))
+        return bufs
+
+    def give_back(self, layout: tuple, bufs: DecoderBuffers) -> None:
+        if id(bufs) in self.in_use:
+            self.in_use.discard(id(bufs))
+            self.idle.setdefault(layout, []).append(bufs)
+
+    def close(self) -> None:
+        for bufs in self._all:
+            bufs.free()
+        self._all, self.idle, self.in_use = [], {}, set()
+
+
+def _release(pool, layout, bufs) -> None:
+    """What a decoder's close (or its collection) does: buffers back to the pool, or freed."""
+    if pool is not None:
+        pool.give_back(layout, bufs)
+    else:
+        bufs.free()
+
 
 class DeviceDecoder(DecoderRunner):
     """The target decoder with its K/V resident in ``memory`` (see the module docstring).
@@ -191,10 +459,13 @@ class DeviceDecoder(DecoderRunner):
     padded up to a multiple of ``bucket`` positions (at most ``max_past``) with the padding masked out, and use
     buffers allocated once, so every such call of one (q, padded past) has the same shapes and addresses: its
     ``graph_key`` lets the executor capture it once and replay it. Masked rows get weight exactly 0 (an additive
-    -1e4 underflows exp in FP32); only the order of the softmax sums changes."""
+    -1e4 underflows exp in FP32); only the order of the softmax sums changes.
+
+    Lifetime: ``close()`` (or leaving a ``with`` block, or the decoder being collected) frees its buffers, or
+    gives them back to ``pool`` for the next decoder. A closed decoder refuses to run."""
 
     def __init__(self, execute, memory, graph: dict, text: dict, capacity: int, logits_rows,
-                 bucket: int | None = None, fixed_q: int = 0, max_past: int | None = None):
+                 bucket: int | None = None, fixed_q: int = 0, max_past: int | None = None, pool: DecoderPool | None = None):
         kv = graph["kv"]
         if kv.get("layout") != "bshd":
             raise BundleError("this bundle's decoder keeps K/V as [1, kv_heads, positions, head_dim]; the device "
@@ -211,26 +482,43 @@ class DeviceDecoder(DecoderRunner):
         self.hidden, self.vocab = int(text["hidden_size"]), int(text["vocab_size"])
         self.past_names = [n for pair in zip(kv["past_key"], kv["past_value"]) for n in pair]
         self.present_names = [n for pair in zip(kv["present_key"], kv["present_value"]) for n in pair]
-        self.cache = [memory.alloc(capacity * self.row_bytes) for _ in self.past_names]  # zeroed: padding is finite
-        self.scratch = [_Grown(memory) for _ in self.present_names]
-        self.staging = {n: _Grown(memory) for n in ("inputs_embeds", "attention_mask", "position_ids",
-                                                     "logits", "hidden_states", "attention_received")}
         self.bucket = int(bucket) if bucket else None
         self.fixed_q = int(fixed_q) if self.bucket else 0
         self.max_past = min(int(max_past if max_past is not None else capacity - 1), capacity - self.fixed_q)
+        sizes = None
         if self.fixed_q:  # allocated once at their largest: fixed addresses for captured graphs
             widest = self.max_past + self.fixed_q
             f32 = 4
             sizes = {"inputs_embeds": self.fixed_q * self.hidden * f32, "attention_mask": self.fixed_q * widest * f32,
                      "position_ids": 3 * self.fixed_q * 8, "logits": self.fixed_q * self.vocab * f32,
                      "hidden_states": self.fixed_q * self.hidden * f32, "attention_received": widest * f32}
-            self._fixed_buffers = [memory.alloc(b) for b in sizes.values()]  # kept: they own the memory
-            self._fixed_buffers += [memory.alloc(self.fixed_q * self.row_bytes) for _ in self.present_names]
-            self.fixed = {n: b.ptr for n, b in zip(sizes, self._fixed_buffers)}
-            self.fixed_scratch = [b.ptr for b in self._fixed_buffers[len(sizes):]]
+        layout = (len(self.past_names), int(capacity), self.row_bytes, tuple(sorted((sizes or {}).items())), self.fixed_q)
+
+        def make():
+            return DecoderBuffers(memory, len(self.past_names), capacity, self.row_bytes, sizes, self.fixed_q)
+
+        self.buffers = pool.take(layout, make) if pool is not None else make()
+        self.cache, self.scratch, self.staging = self.buffers.cache, self.buffers.scratch, self.buffers.staging
+        self.fixed, self.fixed_scratch = self.buffers.fixed, self.buffers.fixed_scratch
+        # the buffers' release must not hold the decoder itself, or collection would never happen
+        self._release = weakref.finalize(self, _release, pool, layout, self.buffers)
         self.length = 0
         self._pending_q = 0
         self._scratch_used: list[int] = []
+
+    @property
+    def closed(self) -> bool:
+        return not self._release.alive
+
+    def close(self) -> None:
+        """Free this decoder's buffers (or give them back to its pool). Idempotent."""
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def padded_past(self, p: int, q: int) -> int:
         """The past length a call binds: p, or (bucketed calls) p rounded up to the bucket, at most max_past."""
@@ -238,7 +526,9 @@ class DeviceDecoder(DecoderRunner):
             return p
         return max(p, min(-(-p // self.bucket) * self.bucket, self.max_past))
 
-    def run(self, embeds, mask, positions):
+    def run(self, embeds, mask, positions, logits="all"):
+        if self.closed:
+            raise RuntimeError("this DeviceDecoder was closed: its device buffers are freed or reused; make a new one")
         q = embeds.shape[1]
         p = self.length
         if p + q > self.capacity:
@@ -273,10 +563,13 @@ class DeviceDecoder(DecoderRunner):
         self.execute(inputs, outputs, (q, pb) if fixed else None)
         rows = self.logits_rows(q)
         lptr, _, ldt = outputs["logits"]
-        received = self.memory.download(outputs["attention_received"][0], shapes["attention_received"], dt["attention_received"])
+        received, logits_out, hidden = self.memory.download_many([
+            (outputs["attention_received"][0], shapes["attention_received"], dt["attention_received"]),
+            (lptr + (q - rows) * self.vocab * ldt.itemsize, (1, rows, self.vocab), ldt),
+            (outputs["hidden_states"][0], shapes["hidden_states"], dt["hidden_states"])])  # one wait for all three
         out = {
-            "logits": self.memory.download(lptr + (q - rows) * self.vocab * ldt.itemsize, (1, rows, self.vocab), ldt),
-            "hidden_states": self.memory.download(outputs["hidden_states"][0], shapes["hidden_states"], dt["hidden_states"]),
+            "logits": logits_out,
+            "hidden_states": hidden,
             "attention_received": np.concatenate([received[:, :p], received[:, pb:]], axis=1) if pb > p else received,
         }
         self._pending_q = q

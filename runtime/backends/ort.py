@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from ..errors import BundleError
 from ..onnx_refs import ProtobufError, external_data_locations
+from ..ort_threads import session_options
 from .base import Backend
 
 
@@ -86,13 +87,8 @@ class OrtBackend(Backend):
 
     def session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
+            opts = session_options(self.threads)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # several sessions share few cores: spinning threads of one session starve the next call
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
             name = self._specs[graph]["file"]
             path = self.bundle.file(name)
             for blob in self._specs[graph].get("external_data", []):  # listed, verified, inside the bundle

@@ -11,14 +11,18 @@ tested on the CPU; the device decoder itself runs there over ONNX Runtime with h
   a progress line), stored under ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` with a timing cache and the
   digest of the graph + weights each came from; anything changed means a rebuild, never a silent reuse.
 - Networks are strongly typed: the precision lives in the graph (FP16 / INT8 QDQ bundles), as TensorRT 11 requires.
+  TF32 is cleared (``BUILDER_FLAGS``): TensorRT enables it by default, which would run the graphs' FP32 parts (all
+  of an fp32 bundle, the fp32 head and islands of the others) with a 10-bit mantissa.
 - One execution context per optimization profile (a decoder has step, verify and prefill), all on one stream.
 - The decoder keeps its K/V on the device (``device.DeviceDecoder``): bound in place as the past, new rows copied
   device to device, only logits / hidden rows / attention scores come back.
 - CUDA graphs for steps and tree verifies: their past is padded to a multiple of ``GRAPH_BUCKET`` positions (the
   padding masked out; ``device.DeviceDecoder``) and their buffers are allocated once, so each (call size, bucket)
   has fixed shapes and addresses; it is captured once, on an execution context of its own, and replayed
-  (``DREAM_CUDA_GRAPHS=0`` turns this off; a failed capture turns it off with one line). The padding costs
-  attention over at most GRAPH_BUCKET - 1 masked positions per call; not measured (no GPU here).
+  (``DREAM_CUDA_GRAPHS=0`` turns this off; a failed capture turns it off with one line). Graphs are keyed on what
+  they bind (``device.GraphRunner``) and decoders' buffers come from one pool (``device.DecoderPool``), so the
+  next request reuses the same addresses and replays the same graphs. The padding costs attention over at most
+  GRAPH_BUCKET - 1 masked positions per call; not measured (no GPU here).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ import numpy as np
 
 from ..errors import BundleError
 from .base import TRT_MINIMUM, Backend, BackendUnavailable
-from .device import CudaMemory, DeviceDecoder, _Grown, cuda_check
+from .device import CudaMemory, DecoderPool, DeviceDecoder, GraphRunner, _Grown, cuda_check
+from .trt_plan import EngineCache, Plan, engine_dir, engine_key
 
 GRAPH_BUCKET = 64  # decoder calls bind their past padded to a multiple of this many positions (one graph per bucket)
-from .trt_plan import EngineCache, Plan, engine_dir, graph_digest
+GRAPH_LIMIT = 128  # CUDA graphs kept per engine (least recently used destroyed first)
 
 
 def tensorrt_module():
@@ -56,10 +61,18 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# What build_engine sets on the builder config besides the profiles; part of every engine's cache key.
+BUILDER_FLAGS = {"network": "strongly_typed", "tf32": False}
+
+
 def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_bytes: int | None,
                  timing_cache: Path) -> bytes:
     """One serialized engine for the graph at ``onnx_path`` with one optimization profile per ``profiles`` entry
     (in order: profile k of the engine is ``profiles[k]``)."""
+    for prof in profiles:
+        bad = prof.violations()
+        if bad:
+            raise BundleError(f"{onnx_path.name}: profile {prof.name!r} is not one the graph accepts: {'; '.join(bad)}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -68,6 +81,8 @@ def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_b
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"{onnx_path.name}: TensorRT's ONNX parser failed: {errors}")
     config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default in TensorRT; FP32 stays FP32 here
+        config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -76,7 +91,8 @@ def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_b
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.input_shapes(inputs).items():
             p.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(p)
+        if config.add_optimization_profile(p) < 0:
+            raise BundleError(f"{onnx_path.name}: TensorRT refused optimization profile {prof.name!r}")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BundleError(f"{onnx_path.name}: TensorRT could not build an engine (see its log above)")
@@ -86,25 +102,30 @@ def build_engine(trt, onnx_path: Path, profiles, inputs: list[dict], workspace_b
     return bytes(memoryview(serialized))
 
 
-class TrtEngine:
+class TrtEngine(GraphRunner):
     """A deserialized engine with one execution context per optimization profile, plus one per captured CUDA
-    graph; all contexts run one at a time on one stream, so they share one activation buffer (USER_MANAGED)."""
+    graph; all contexts run one at a time on one stream, so they share one activation buffer (USER_MANAGED).
+    Which calls are captured, how graphs are keyed and bounded: ``device.GraphRunner``."""
 
     def __init__(self, trt, data: bytes, profiles, memory: CudaMemory, cuda_graphs: bool = True):
+        super().__init__(enabled=cuda_graphs, limit=GRAPH_LIMIT, log=_log)
         self.trt, self.memory = trt, memory
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BundleError("TensorRT could not deserialize the engine (built by another TensorRT version?)")
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        # TensorRT 11 has only the _v2 form (10.x has both; the old one is deprecated there)
+        size = self.engine.device_memory_size_v2 if hasattr(self.engine, "device_memory_size_v2") else self.engine.device_memory_size
         self.activations = memory.alloc(int(size))
         self.profiles = [p.name for p in profiles]
         self.contexts = [self._context(k) for k in range(len(profiles))]
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.cuda_graphs = cuda_graphs
-        self.graphs: dict = {}  # (profile, key) -> (its own context, instantiated CUDA graph)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.enabled
 
     def _context(self, profile_index: int):
         strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -125,43 +146,56 @@ class TrtEngine:
         for name, (ptr, _, _) in outputs.items():
             ctx.set_tensor_address(name, int(ptr))
 
-    def execute(self, profile: str, inputs: dict, outputs: dict, graph_key=None) -> None:
-        """``inputs`` / ``outputs``: name -> (device pointer, shape, dtype), pointers 256-byte aligned. A
-        ``graph_key`` promises the same shapes and addresses for every call with that key: the first call runs and
-        is then captured as a CUDA graph (on a context of its own, whose shapes never change), later ones replay it.
-        Any failure to capture turns graphs off for this engine (said once) and calls run as usual."""
-        if graph_key is not None and self.cuda_graphs:
-            entry = self.graphs.get((profile, graph_key))
-            if entry is not None:
-                cuda_check(self.memory.cudart.cudaGraphLaunch(entry[1], self.memory.stream))
-                self.memory.synchronize()
-                return
-            try:
-                self._capture(profile, inputs, outputs, graph_key)
-                return
-            except Exception as exc:  # noqa: BLE001 - an unsupported capture must not stop decoding
-                self.cuda_graphs = False
-                _log(f"dream-export: CUDA graphs off for this engine ({type(exc).__name__}: {exc}); running without")
+    # --- the primitives GraphRunner.execute uses; nothing here waits: the caller's download does, once --------
+    def run(self, profile: str, inputs: dict, outputs: dict) -> None:
         ctx = self.contexts[self.profiles.index(profile)]
         self._bind(ctx, profile, inputs, outputs)
         if not ctx.execute_async_v3(int(self.memory.stream)):
             raise BundleError(f"TensorRT execution failed (profile {profile})")
-        self.memory.synchronize()
 
-    def _capture(self, profile: str, inputs: dict, outputs: dict, key) -> None:
+    def capture(self, profile: str, inputs: dict, outputs: dict):
+        """As NVIDIA's guide does it: one ordinary execute_async_v3 after the shapes are set (this call's results,
+        and it flushes TensorRT's deferred updates), then the same call captured and instantiated. A capture that
+        fails ends the capture, destroys what it made and clears the error before raising."""
         cudart, stream = self.memory.cudart, self.memory.stream
         ctx = self._context(self.profiles.index(profile))
         self._bind(ctx, profile, inputs, outputs)
-        if not ctx.execute_async_v3(int(stream)):  # this call's results; also flushes TensorRT's deferred updates
+        if not ctx.execute_async_v3(int(stream)):
             raise BundleError(f"TensorRT execution failed (profile {profile})")
         self.memory.synchronize()
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_check(cudart.cudaStreamBeginCapture(stream, mode))
+        ok, graph = False, None
         try:
-            ctx.execute_async_v3(int(stream))
+            ok = ctx.execute_async_v3(int(stream))
         finally:
-            graph = cuda_check(cudart.cudaStreamEndCapture(stream))
-        self.graphs[(profile, key)] = (ctx, cuda_check(cudart.cudaGraphInstantiate(graph, 0)))
+            err, graph = cudart.cudaStreamEndCapture(stream)  # always ends the capture, even after a failure
+            if int(err) != 0 or not ok:
+                if graph is not None and int(err) == 0:
+                    cudart.cudaGraphDestroy(graph)
+                cudart.cudaGetLastError()  # clear the capture's error so later calls run
+        if not ok:
+            raise BundleError(f"TensorRT execution failed during CUDA-graph capture (profile {profile})")
+        cuda_check((err,))
+        try:
+            exec_ = cuda_check(cudart.cudaGraphInstantiate(graph, 0))
+        except Exception:
+            cudart.cudaGetLastError()
+            raise
+        finally:
+            cudart.cudaGraphDestroy(graph)  # the instantiated graph stands alone: the template is not needed
+        return (ctx, exec_)
+
+    def launch(self, handle) -> None:
+        cuda_check(self.memory.cudart.cudaGraphLaunch(handle[1], self.memory.stream))
+
+    def destroy(self, handle) -> None:
+        self.memory.synchronize()  # a launch of it may still be queued
+        self.memory.cudart.cudaGraphExecDestroy(handle[1])
+
+    def close(self) -> None:
+        self.clear()
+        self.memory.free(self.activations)
 
     def output_shapes(self, profile: str, inputs: dict) -> dict:
         ctx = self.contexts[self.profiles.index(profile)]
@@ -190,10 +224,27 @@ class TrtBackend(Backend):
         self.cuda_graphs = os.environ.get("DREAM_CUDA_GRAPHS", "1") != "0" if cuda_graphs is None else cuda_graphs
         self.engines: dict[str, TrtEngine] = {}
         self._staging: dict[tuple[str, str], _Grown] = {}
+        self.pool = DecoderPool()  # decoders' device buffers, reused request after request (CUDA graphs replay)
+
+    def close(self) -> None:
+        """Free every device buffer, graph and engine of this backend; idempotent."""
+        for eng in self.engines.values():
+            eng.close()
+        self.engines.clear()
+        for g in self._staging.values():
+            g.free()
+        self._staging.clear()
+        self.pool.close()
+        self.memory.close()
+
+    def build_flags(self) -> dict:
+        return {**BUILDER_FLAGS, "workspace_bytes": self.workspace or 0}
 
     def engine_path(self, graph: str, force: bool = False) -> Path:
         """The engine file of ``graph``, built now when missing or stale."""
-        digest = graph_digest(self.bundle.manifest, graph)
+        if graph not in self.plan.profiles:
+            raise BundleError(f"graph {graph!r}: not a TensorRT graph of this bundle (it has {sorted(self.plan.profiles)})")
+        digest = engine_key(self.bundle.manifest, self.plan, graph, self.build_flags())
         found = None if force else self.cache.lookup(graph, digest)
         if found is not None:
             return found
@@ -205,7 +256,7 @@ class TrtBackend(Backend):
         data = build_engine(self.trt, self.bundle.file(spec["file"]), self.plan.profiles[graph], spec["inputs"],
                             self.workspace, self.cache.folder / "timing.cache")
         extra = {"trt_version": self.trt.__version__, "profiles": [p.name for p in self.plan.profiles[graph]],
-                 "build_s": round(time.perf_counter() - t0, 1)}
+                 "flags": self.build_flags(), "build_s": round(time.perf_counter() - t0, 1)}
         path = self.cache.store(graph, digest, data, extra)
         self.progress(f"dream-export: {graph} engine built in {extra['build_s']} s")
         return path
@@ -230,7 +281,7 @@ class TrtBackend(Backend):
         outputs = {n: (self._buffer(graph, n).get(int(np.prod(s)) * eng.dtypes[n].itemsize), s, eng.dtypes[n])
                    for n, s in shapes.items()}
         eng.execute(profile, inputs, outputs)
-        return [self.memory.download(outputs[n][0], outputs[n][1], outputs[n][2]) for n in output_names]
+        return self.memory.download_many([outputs[n] for n in output_names])
 
     def _buffer(self, graph: str, name: str) -> _Grown:
         return self._staging.setdefault((graph, name), _Grown(self.memory))
@@ -247,7 +298,7 @@ class TrtBackend(Backend):
         n = int((self.bundle.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
         return DeviceDecoder(execute, self.memory, self._specs["decoder"], self.bundle.manifest["text"], capacity,
                              self.plan.logits_rows, bucket=GRAPH_BUCKET if self.cuda_graphs else None, fixed_q=max(n, 1),
-                             max_past=int(self.bundle.manifest["text"]["max_positions"]) - 1)
+                             max_past=int(self.bundle.manifest["text"]["max_positions"]) - 1, pool=self.pool)
 
 
 def build_engines(bundle_path, device_id: int = 0, workspace_gb: float | None = None, graphs=None,
@@ -262,7 +313,10 @@ def build_engines(bundle_path, device_id: int = 0, workspace_gb: float | None = 
     if unknown:
         raise BundleError(f"graphs {unknown}: not TensorRT graphs of this bundle (it has {sorted(backend.plan.profiles)})")
     out = {}
-    for g in names:
-        path = backend.engine_path(g, force=force)
-        out[g] = {"engine": str(path), **json.loads(path.with_suffix(".json").read_text())}
+    try:
+        for g in names:
+            path = backend.engine_path(g, force=force)
+            out[g] = {"engine": str(path), **json.loads(path.with_suffix(".json").read_text())}
+    finally:
+        backend.close()
     return {"folder": str(backend.cache.folder), "engines": out}

@@ -10,7 +10,7 @@ What it decides, from the manifest alone:
 - **device buffers**: the KV caches preallocated to ``max_positions`` + the tree, written in place, and what
   each kind of call copies back to the host (only the rows acceptance needs).
 
-The layer that executes a plan with TensorRT and CUDA is separate and thin; it does not exist yet.
+The layer that executes a plan with TensorRT and CUDA is separate and thin: ``trt.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,30 @@ class Profile:
                 return f"{dim}={v} outside [{lo}, {hi}]"
         return None
 
+    def violations(self) -> list[str]:
+        """What makes this profile one TensorRT refuses: a range not ordered min <= opt <= max, or a point (min,
+        opt or max) where a summed dimension is not the sum of its parts (``SUM_DIMS``). Empty when feasible."""
+        out = []
+        for dim, (lo, opt, hi) in self.dims.items():
+            if not 0 <= lo <= opt <= hi:
+                out.append(f"{dim}: min {lo}, opt {opt}, max {hi} are not ordered min <= opt <= max")
+        for total, (a, b) in SUM_DIMS.items():
+            if total not in self.dims:
+                continue
+            if a not in self.dims or b not in self.dims:
+                out.append(f"{total} needs {a} and {b} in the same profile")
+                continue
+            for k, point in enumerate(("min", "opt", "max")):
+                want = self.dims[a][k] + self.dims[b][k]
+                if self.dims[total][k] != want:
+                    out.append(f"{point}: {total}={self.dims[total][k]}, but the graph needs {a} + {b} = "
+                               f"{self.dims[a][k]} + {self.dims[b][k]} = {want}")
+        return out
+
+    def point(self, k: int) -> dict:
+        """The value of every dimension at min (0), opt (1) or max (2)."""
+        return {d: v[k] for d, v in self.dims.items()}
+
     def input_shapes(self, inputs: list[dict]) -> dict:
         """name -> (min shape, opt shape, max shape), as ``IOptimizationProfile.set_shape`` takes them."""
         out = {}
@@ -50,6 +74,21 @@ class Profile:
                 shapes.append(tuple(d if isinstance(d, int) else self.dims[d][k] for d in t["shape"]))
             out[t["name"]] = tuple(shapes)
         return out
+
+
+# The graphs' own shape constraints between symbolic dimensions: each mask is [1, 1, q, past + q], so its width is
+# the sum of a cache length and a call length (decoder: attention_mask; drafter graphs: attention_mask and
+# cross_mask). An optimization profile is feasible only when min, opt and max each satisfy every one of them.
+SUM_DIMS = {"total_len": ("past_len", "q_len"), "mem_total_len": ("mem_len", "m_len")}
+
+
+def _profile(name: str, dims: dict) -> "Profile":
+    """A profile whose summed dimensions (``SUM_DIMS``) are derived point by point from their parts."""
+    dims = {k: tuple(int(x) for x in v) for k, v in dims.items()}
+    for total, (a, b) in SUM_DIMS.items():
+        if a in dims and b in dims:
+            dims[total] = tuple(x + y for x, y in zip(dims[a], dims[b]))
+    return Profile(name, dims)
 
 
 def _symbolic_values(inputs: list[dict], shapes: dict) -> dict:
@@ -105,26 +144,34 @@ class Plan:
             else:
                 plan.profiles["vision"] = [Profile("tiles", {"tiles": (1, max(1, min(t, grid * grid + 1)), t)})]
         if "decoder" in graphs:
-            # most specific first: a call takes the first profile it fits (``profile_for``)
+            # most specific first: a call takes the first profile it fits (``profile_for``). Each point (min, opt,
+            # max) is a shape set the graph accepts: the mask is [1, 1, q, past + q] (``derive_sums``).
+            half = P // 2
             plan.profiles["decoder"] = [
-                Profile("step", {"q_len": (1, 1, 1), "past_len": (0, P // 2, P - 1), "total_len": (1, P // 2, P)}),
+                _profile("step", {"q_len": (1, 1, 1), "past_len": (0, half, P - 1)}),
                 # a tree of N (fewer where the context ends) after up to P-1 positions
-                Profile("verify", {"q_len": (1, N, N), "past_len": (0, P // 2, P - 1), "total_len": (1, P // 2 + N, cap - 1)}),
-                # the prompt (or the new part of a session's conversation) after 0..P-1 cached positions
-                Profile("prefill", {"q_len": (1, min(256, P - 1), P - 1), "past_len": (0, 0, P - 1),
-                                    "total_len": (1, min(256, P - 1), P)}),
+                _profile("verify", {"q_len": (1, N, N), "past_len": (0, half, P - 1)}),
+                # a prompt (or a session's new turn) after at most half the context: up to P - 1 new positions
+                _profile("prefill", {"q_len": (1, min(256, P - 1), P - 1), "past_len": (0, 0, half)}),
+                # a later turn: after more than half the context, fewer than half of it is left for new positions
+                _profile("extend", {"q_len": (1, min(64, P - half), P - half), "past_len": (0, half, P - 1)}),
             ]
         info = manifest.get("drafter") or {}
-        for name in {info.get("graph"), info.get("tree_graph")} - {None}:
+        for name in sorted({info.get("graph"), info.get("tree_graph")} - {None}):
             if name not in graphs:
                 continue
             q_hi = P  # a catch-up covers at most the whole prompt plus the first token
             scratch = N + int(tree.get("depth", 1)) * int(tree.get("top_k", 1))  # a step's drafted rows, rolled back
             self_hi = cap + scratch
-            plan.profiles[name] = [Profile("all", {
-                "q_len": (1, max(1, N), q_hi), "m_len": (1, max(1, N), q_hi),
-                "past_len": (0, P // 2, self_hi), "total_len": (1, P // 2, self_hi + q_hi),
-                "mem_len": (0, P // 2, self_hi), "mem_total_len": (1, P // 2, self_hi + q_hi)})]
+            q_opt = max(1, min(N, q_hi))
+            plan.profiles[name] = [_profile("all", {
+                "q_len": (1, q_opt, q_hi), "m_len": (1, q_opt, q_hi),
+                "past_len": (0, P // 2, self_hi), "mem_len": (0, P // 2, self_hi)})]
+        for name, profs in plan.profiles.items():
+            for prof in profs:
+                bad = prof.violations()
+                if bad:  # a planning error, never the user's: TensorRT would refuse the profile and build nothing
+                    raise ValueError(f"graph {name!r} profile {prof.name!r}: {'; '.join(bad)}")
         return plan
 
     def graph_inputs(self, graph: str) -> list[dict]:
@@ -223,28 +270,55 @@ def graph_digest(manifest: dict, graph: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+# Bumped whenever what ``trt.build_engine`` puts into an engine changes (its network flags, builder flags, the
+# way profiles are set): engines built by an older recipe are then rebuilt, not reused.
+BUILD_FORMAT = 2
+
+
+def profile_shapes(plan: "Plan", graph: str) -> list[dict]:
+    """Every optimization profile of ``graph``, in engine order, as ``{input: {"min": [...], "opt": [...],
+    "max": [...]}}`` (what ``IOptimizationProfile.set_shape`` gets; ``dream-build-engines --print-profiles``)."""
+    out = []
+    for prof in plan.profiles[graph]:
+        shapes = prof.input_shapes(plan.graph_inputs(graph))
+        out.append({name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in shapes.items()})
+    return out
+
+
+def engine_key(manifest: dict, plan: "Plan", graph: str, builder_flags: dict) -> str:
+    """What an engine of ``graph`` depends on beyond its folder's GPU / TensorRT / precision, as one sha256: the
+    graph and its weights (``graph_digest``), every profile's shapes, the builder flags and ``BUILD_FORMAT``.
+    Any of them changed means another key, so a stale engine is rebuilt, never reused."""
+    import hashlib
+
+    record = {"graph": graph_digest(manifest, graph), "profiles": profile_shapes(plan, graph),
+              "flags": {str(k): str(v) for k, v in sorted(builder_flags.items())}, "format": BUILD_FORMAT}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 class EngineCache:
     """Engines of one (GPU, TensorRT, precision) folder; each ``<graph>.plan`` has a ``<graph>.json`` recording the
-    sha256 of the graph it was built from. ``lookup`` returns the engine only when that sha256 still matches."""
+    key it was built for (``engine_key``: graph, weights, profiles, builder flags, build format). ``lookup``
+    returns the engine only when that key still matches."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def lookup(self, graph: str, graph_sha256: str) -> Path | None:
+    def lookup(self, graph: str, key: str) -> Path | None:
         plan, meta = self.folder / f"{graph}.plan", self.folder / f"{graph}.json"
         if not plan.is_file() or not meta.is_file():
             return None
         try:
-            recorded = json.loads(meta.read_text()).get("graph_sha256")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            recorded = json.loads(meta.read_text()).get("key")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return None
-        return plan if recorded == graph_sha256 else None
+        return plan if recorded == key else None
 
-    def store(self, graph: str, graph_sha256: str, engine_bytes: bytes, extra: dict | None = None) -> Path:
+    def store(self, graph: str, key: str, engine_bytes: bytes, extra: dict | None = None) -> Path:
         """Write the engine and its record, each to a temp file first, then renamed: never half-written."""
         self.folder.mkdir(parents=True, exist_ok=True)
         plan, meta = self.folder / f"{graph}.plan", self.folder / f"{graph}.json"
-        for path, data in ((plan, engine_bytes), (meta, json.dumps({"graph_sha256": graph_sha256, **(extra or {})}).encode())):
+        for path, data in ((plan, engine_bytes), (meta, json.dumps({**(extra or {}), "key": key}).encode())):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(data)
             tmp.replace(path)

@@ -28,7 +28,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runtime.store import store_root
+
 from ...errors import ModelNotFoundError
+from ..shipped import drafter_and_tree
 
 ROOM = Path(__file__).parent
 ADAPTER = ROOM / "adapter.safetensors"        # the trained part: connector + LoRA factors (fp16)
@@ -103,8 +106,6 @@ def _fingerprint(adapter: Path | None) -> str:
 
 def ensure_smolvlm_smollm2() -> Path:
     """Assemble the model once into the store (atomically) and return the folder ``from_pretrained`` loads."""
-    from ...registry import store_root
-
     adapter = ADAPTER if ADAPTER.is_file() else None
     stamp = _fingerprint(adapter)
     target = store_root() / "models" / "smolvlm-smollm2"
@@ -259,8 +260,6 @@ def assemble(out: Path, adapter: Path | None) -> Path:
 
 def shipped_drafter(source) -> tuple[Path, dict | None] | None:
     """(drafter folder, default tree) when ``source`` is the assembled smolvlm-smollm2 and its drafter ships."""
-    from .. import drafter_and_tree
-
     try:
         if not (Path(source) / "assembled.json").is_file() or Path(source).name != "smolvlm-smollm2":
             return None

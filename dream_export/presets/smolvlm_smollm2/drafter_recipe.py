@@ -29,9 +29,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import ROOM, SHIPPED_DRAFTER
+from . import SHIPPED_DRAFTER
+from .requests import instructions, llama_cpp_answers, template_requests
 
-INSTRUCTIONS = ROOM / "instructions.jsonl"
 BASE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
         "intermediate": 1024, "draft_vocab": 8192, "keep_visual": 0.75, "sampled": 0, "selfinstruct": 0, "init": None}
 RECIPES = {
@@ -63,13 +63,6 @@ RECIPES = {
 }
 SHIPPED = "v5"
 RECIPE = RECIPES[SHIPPED]
-
-
-def instructions(split: str) -> list[str]:
-    """The text prompts: ``train`` (4 of every 5) or ``heldout`` (every 5th, never trained on)."""
-    rows = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
-    keep = (lambda i: i % 5 == 0) if split == "heldout" else (lambda i: i % 5 != 0)
-    return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
 
 
 def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_size: int, skip: set[int],
@@ -252,9 +245,8 @@ def template_examples(model, processor, out: Path, seed: int, max_new_tokens: in
     """Feature examples for ``requests.template_requests(seed)``: greedy answers written by llama.cpp from the wheel's
     GGUF (OUT/template-answers.json, ``requests.llama_cpp_answers``), then the target's own features and next-token
     distributions over prompt + answer (OUT/features-templates)."""
-    from ...train.data import Sample
-    from ...train.features import build_cache, chat_text, load_examples
-    from .requests import llama_cpp_answers, template_requests
+    from ...train.data import Sample, chat_text
+    from ...train.features import build_cache, load_examples
 
     prompts = [r["prompt"] for r in template_requests(seed)]
     answers = llama_cpp_answers([chat_text(processor, p) for p in prompts], out / "template-answers.json",

@@ -10,9 +10,20 @@ subjects: ``template_requests()`` is deterministic for a seed and never returns 
 
 from __future__ import annotations
 
+import json
 import random
 
-from .drafter_recipe import instructions
+from . import ROOM
+
+INSTRUCTIONS = ROOM / "instructions.jsonl"
+
+
+def instructions(split: str) -> list[str]:
+    """The hand-written text prompts: ``train`` (4 of every 5) or ``heldout`` (every 5th, never trained on)."""
+    rows = [json.loads(line) for line in INSTRUCTIONS.read_text().splitlines() if line.strip()]
+    keep = (lambda i: i % 5 == 0) if split == "heldout" else (lambda i: i % 5 != 0)
+    return [r["prompt"] for i, r in enumerate(rows) if keep(i)]
+
 
 CONCEPTS = """photosynthesis|gravity|evaporation|a volcano|an earthquake|the water cycle|electricity|magnetism|friction|a rainbow|an eclipse|the moon's phases|a black hole|the greenhouse effect|climate change|erosion|a tornado|a hurricane|lightning|sound waves|light|a prism|a lever|a pulley|inertia|momentum|energy|kinetic energy|potential energy|heat|temperature|a thermostat|a battery|a solar panel|a wind turbine|a nuclear reactor|an atom|a molecule|DNA|a cell|a virus|bacteria|the immune system|a vaccine|the heart|the lungs|the brain|the skeleton|muscles|digestion|the kidneys|blood|sleep|dreams|memory|habits|the internet|a computer|a CPU|RAM|a hard drive|an operating system|a web browser|email|a password|encryption|a firewall|a database|a spreadsheet|an algorithm|machine learning|a neural network|a robot|a sensor|a camera|a GPS receiver|a lidar|an accelerometer|a gyroscope|a motor|a servo|a microcontroller|Wi-Fi|Bluetooth|a smartphone|a satellite|a rocket|an airplane|a helicopter|a submarine|a bicycle|a car engine|an electric car|a train|a bridge|a skyscraper|a dam|a lighthouse|a compass|a map|a clock|a calendar|money|a bank|inflation|taxes|a budget|a loan|interest|a stock market|trade|a democracy|an election|a constitution|a court|a library|a museum|a newspaper|a vote|the Roman Empire|the Renaissance|the Industrial Revolution|the printing press|the pyramids of Egypt|the Great Wall of China|the Olympic Games|the Silk Road|the Moon landing|the steam engine|the telephone|the light bulb|a rainforest|a desert|a coral reef|the ocean|a glacier|a river delta|a mountain range|a savanna|the Arctic|the Sahara|the Amazon river|the Pacific Ocean|the Alps|a food chain|an ecosystem|pollination|migration|hibernation|camouflage|evolution|fossils|dinosaurs|whales|bees|ants|penguins|elephants|octopuses|owls|sharks|frogs|butterflies|trees|mushrooms|seeds|soil|compost|recycling|plastic|glass|steel|wood|cotton|bread|cheese|yogurt|coffee|tea|chocolate|sugar|salt|vitamins|protein|fiber|exercise|stretching|meditation|stress|friendship|kindness|patience|curiosity|teamwork|leadership|a resume|a job interview|a presentation|a deadline|a meeting|feedback|a to-do list|time management|a hobby|gardening|painting|photography|music|a guitar|a piano|a poem|a novel|a fairy tale|a museum|chess|soccer|basketball|swimming|running|yoga|camping|hiking|fishing|a picnic|a birthday party|a wedding|a holiday|a passport|a hotel|an airport|a train station|a city|a village|a farm|a market|a restaurant|a hospital|a school|a university|a zoo|a park|a beach|an island|a forest|a cave|a waterfall|the sun|Mars|Jupiter|Saturn's rings|a comet|an asteroid|the Milky Way|a star|a telescope|a microscope|a thermometer|a barometer|a scale|a ruler|a magnet|a mirror|a lens|glasses|a refrigerator|a microwave oven|a washing machine|a vacuum cleaner|an elevator|a traffic light|a road|a tunnel|a ship|a harbor|an anchor|a sail|a kite|a balloon|a parachute|an umbrella|a raincoat|a tent|a flashlight|a candle|fire|smoke|a smoke detector|a fire extinguisher|first aid|a bandage|a fever|a cold|allergies|hand washing|a toothbrush|a dentist|a doctor|a nurse|a pharmacist|a teacher|a firefighter|a pilot|a farmer|a chef|an engineer|a scientist|an astronaut|a programmer|a librarian|a mechanic|an architect|a photographer|a journalist|a judge""".split("|")
 
@@ -109,7 +120,6 @@ def llama_cpp_answers(chat_texts: list[str], path, max_new_tokens: int, workers:
     the target's own forward pass over this text (teacher forcing), as EAGLE trains on text it did not write.
     Resumable: each worker appends to PATH.partK; PATH (JSON) is written once all are done."""
     import importlib.util
-    import json
     import os
     from concurrent.futures import ProcessPoolExecutor
     from pathlib import Path
@@ -141,7 +151,6 @@ def llama_cpp_answers(chat_texts: list[str], path, max_new_tokens: int, workers:
 
 def _read_part(part) -> dict[str, list[int]]:
     """The complete lines of a worker's file (a line cut short by an interruption is dropped)."""
-    import json
     from pathlib import Path
 
     done = {}
@@ -156,7 +165,6 @@ def _read_part(part) -> dict[str, list[int]]:
 
 
 def _llama_worker(job) -> int:
-    import json
     import os
 
     from llama_cpp import Llama
