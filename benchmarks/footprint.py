@@ -6,7 +6,7 @@ and resident memory over many generations in one process (plain and speculative)
 Each figure comes from a fresh Python process (``--child``), so imports and allocations of one measurement do
 not leak into the next. RSS growth is measured after a warm-up (the first generations allocate caches and
 ONNX Runtime arenas): growth = (RSS at the end - RSS after warm-up) / RSS after warm-up.
-Goals (issue 11): import < 0.5 s, RSS before loading < 150 MB, growth after warm-up < 5%.
+Goals, for an app that embeds the runtime: import < 0.5 s, RSS before loading < 150 MB, growth after warm-up < 5%.
 """
 
 from __future__ import annotations

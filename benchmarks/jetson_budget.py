@@ -1,4 +1,4 @@
-"""Memory budgets on Jetson for SmolVLM-256M / 500M / 2B at FP16 and INT8 (issue 9, README "Jetson").
+"""Memory budgets on Jetson for SmolVLM-256M / 500M / 2B at FP16 and INT8: computed, not measured (no Jetson here).
 
 The checkpoints cannot be downloaded here, so each one's manifest fields are derived from its published config
 (the values below, typed from the checkpoints' config.json) by dream_export.budget.manifest_from_config, which is

@@ -1,5 +1,6 @@
 """How far transformers' torchvision ("fast") image processor is from its PIL one, which the runtime reproduces
-exactly (issue 12). Needs torchvision, so it runs outside the project's CPU-torch environment, e.g.:
+exactly (the runtime is torch-free, so it cannot use torchvision's). Needs torchvision, so it runs outside the
+project's CPU-torch environment, e.g.:
 
     python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
         transformers==5.24.0 tokenizers pillow scikit-image

@@ -1,6 +1,6 @@
 """Synthetic scenes: (image, prompt, answer) triples, deterministic by seed.
 
-Spec (issue 3): white background; 1-4 non-overlapping filled shapes from {circle, square, triangle},
+Spec: white background; 1-4 non-overlapping filled shapes from {circle, square, triangle},
 each one pure colour from {red, green, blue, yellow}, each 15-35% of the shorter image side; image
 sides 64-1024 px, any aspect ratio. Prompts and plain-English answers with a little varied wording.
 Used for the built-in model's training data, drafter training, calibration and evaluation.

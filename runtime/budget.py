@@ -1,4 +1,5 @@
-"""Device memory a bundle needs on a GPU backend, computed from its manifest (issue 9, item 6: Jetson budgets).
+"""Device memory a bundle needs on a GPU backend, computed from its manifest, so a Jetson's budget
+can be checked before any engine is built there.
 
 What is counted, and how:
 - **engines**: the weights of every graph TensorRT builds (vision, decoder, drafter graphs) at the graph's own

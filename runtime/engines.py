@@ -53,7 +53,7 @@ def profiles_text(bundle_path: Path, as_json: bool) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .backends.base import resolve_backend
+    from .backends.select import resolve_backend
     from .errors import RuntimeErrorBase
 
     try:

@@ -248,7 +248,8 @@ class Idefics3Preprocessor:
         """A video file -> one tile per sampled frame, and the prompt text announcing the frames (SmolVLM2: frame
         count in words, duration, each frame's timestamp before its image tokens), as transformers' SmolVLM video
         processor and processor make them. Frames are resized with PIL (the runtime is torch-free); transformers
-        resizes them with torchvision, which differs by at most a few levels (README, "Model families")."""
+        resizes them with torchvision, whose resampling rounds differently: pixels differ by at most a few levels
+        of 255 (benchmarks/processor_backends.py measures it on still images: answers unchanged)."""
         from datetime import timedelta
 
         from .video import number_words, read_video

@@ -5,7 +5,9 @@ nothing. (The GPU backends themselves run only where onnxruntime-gpu / TensorRT 
 import pytest
 
 from runtime import cli
-from runtime.backends.base import BackendUnavailable, provider_list, resolve_backend
+from runtime.backends.base import BackendUnavailable
+from runtime.backends.ort import provider_list
+from runtime.backends.select import resolve_backend
 from runtime.bundle import Bundle
 from runtime.errors import BundleError
 

@@ -1,6 +1,6 @@
-"""Device memory budgets (runtime/budget.py) computed from a bundle's manifest, the config-derived manifests used
-for the README's Jetson table (dream_export/budget.py) checked against real exports, and the runtime's
-``context`` knob that the budget recommends."""
+"""Device memory budgets (runtime/budget.py) computed from a bundle's manifest, the manifests derived from a
+checkpoint's config alone (dream_export/budget.py: for Jetson budgets of checkpoints that cannot be downloaded
+here) checked against real exports, and the runtime's ``context`` knob that the budget recommends."""
 
 import json
 

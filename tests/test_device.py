@@ -1,4 +1,4 @@
-"""The device-resident decoder (issue 9): K/V preallocated in backend memory, the past bound in place by pointer,
+"""The device-resident decoder: K/V preallocated in backend memory, the past bound in place by pointer,
 new rows copied (and an accepted draft path compacted) memory to memory, only logits / hidden rows / attention
 scores copied back. Here it runs over ONNX Runtime's IOBinding with host memory: the same code the GPU backends
 run, minus the CUDA calls (those run in the gpu/trt-marked tests: pytest -m "gpu or trt" on an NVIDIA machine)."""

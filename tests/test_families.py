@@ -1,4 +1,4 @@
-"""VLM families beyond SmolVLM (issue 12), each through its adapter only: the exporter core and the runtime never
+"""VLM families beyond SmolVLM, each through its adapter only: the exporter core and the runtime never
 name a family. Per family, two layouts built offline from transformers' own classes: dream-run --json greedy ids
 == transformers ``generate`` on 20 image/prompt pairs (real photos, odd sizes, two-image prompts), the runtime's
 pixels == the HF processor's, speculative == plain with a random and a briefly trained drafter on two trees, and

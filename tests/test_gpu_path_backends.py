@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.base import provider_in_effect, provider_list, trt_profile_options
+from runtime.backends.ort import provider_list, trt_profile_options
+from runtime.backends.select import provider_in_effect
 from runtime.backends.device import check_cuda_python_version
 from runtime.backends.trt_plan import EngineCache, Plan, engine_key, profile_shapes
 from runtime.bundle import Bundle
@@ -100,11 +101,11 @@ def test_no_stale_text_about_the_tensorrt_layer_or_cuda_graphs():
 def test_each_ort_trt_session_gets_its_graphs_profiles(tiny):
     """What each session of the ort-trt backend is created with (creating one needs the provider): the graph's
     own profiles, never another graph's."""
-    from runtime.backends.base import _ort_trt_backend
+    from runtime.backends.ort import OrtTrtBackend
 
     _, bundle = tiny
     b = Bundle.load(bundle)
-    backend = _ort_trt_backend()(b, providers=provider_list("ort-trt", b), device_id=0)
+    backend = OrtTrtBackend(b, providers=provider_list("ort-trt", b), device_id=0)
     vision = dict(backend.providers_for("vision")[0][1])
     decoder = dict(backend.providers_for("decoder")[0][1])
     assert _parse(vision["trt_profile_min_shapes"])[0].keys() == {"pixel_values"}

@@ -1,4 +1,4 @@
-"""FP16 bundles (issue 9, item 1): vision and decoder graphs in FP16 with FP32 islands, validated against their
+"""FP16 bundles: vision and decoder graphs in FP16 with FP32 islands, validated against their
 FP32 graphs at export, recorded in the manifest, and run on ONNX Runtime CPU: greedy speculative == plain at FP16,
 and the FP16 answers of the trained smolvlm-tiny equal its FP32 answers on held-out scenes."""
 

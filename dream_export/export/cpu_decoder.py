@@ -138,7 +138,9 @@ def quantize_blocks(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarr
     return packed, scales, (None if symmetric else zp)
 
 
-class _Builder:
+class GraphBuilder:
+    """Nodes and initializers of a graph written by hand (names are made unique by a counter)."""
+
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -166,6 +168,22 @@ class _Builder:
             ins.append(self.init(f"{name}.weight_zero_points", zp))
         return self.op("MatMulNBits", ins, outs, MS, name, K=int(w.shape[0]), N=int(w.shape[1]), bits=bits,
                        block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)[0]
+
+    def save(self, path, spec: GraphSpec, graph_name: str) -> None:
+        """Write the graph with ``spec``'s inputs and outputs; weights in one external file beside it."""
+        from pathlib import Path
+
+        def vi(t: TensorSpec):
+            dtype = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            return helper.make_tensor_value_info(t.name, dtype, list(t.dims))
+
+        graph = helper.make_graph(self.nodes, graph_name, [vi(t) for t in spec.inputs], [vi(t) for t in spec.outputs],
+                                  self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
+                                  producer_name="dream-export")
+        model.ir_version = 8
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=Path(path).name + ".data", size_threshold=1024)
 
 
 def kv_names(num_layers: int, chains: int) -> dict:
@@ -222,7 +240,7 @@ def build_cpu_decoder(w: TextWeights, path, precision: str = "int4", head_bits: 
     sym = (lambda b: b == 8) if symmetric is None else (lambda b: symmetric)
     spec = cpu_decoder_spec(w, precision, head_bits, Path(path).name, chains)
     names = spec.extra["kv"]
-    b = _Builder()
+    b = GraphBuilder()
     nh, kvh, hd = w.heads, w.kv_heads, w.head_dim
     i64 = lambda name, v: b.init(name, np.array(v, np.int64))  # noqa: E731
     cos, sin = b.init("cos_cache", w.cos), b.init("sin_cache", w.sin)
@@ -279,17 +297,7 @@ def build_cpu_decoder(w: TextWeights, path, precision: str = "int4", head_bits: 
     picked = b.op("Gather", ["hidden_states", "logits_rows"], name="logit_rows", axis=0)[0]
     b.linear(picked, w.head, "lm_head", head_bits, sym(head_bits) if head_bits else True, out="logits")
 
-    def vi(t: TensorSpec):
-        dtype = helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
-        return helper.make_tensor_value_info(t.name, dtype, list(t.dims))
-
-    graph = helper.make_graph(b.nodes, "dream_cpu_decoder", [vi(t) for t in spec.inputs], [vi(t) for t in spec.outputs],
-                              b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
-                              producer_name="dream-export")
-    model.ir_version = 8
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=Path(path).name + ".data", size_threshold=1024)
+    b.save(path, spec, "dream_cpu_decoder")
     return spec
 
 

@@ -143,9 +143,9 @@ def tree_cases(cfg, spec, seed: int):
     return cases
 
 
-def validate_draft_tree(module, cfg, spec, path, seed: int = 0) -> list[Check]:
+def validate_draft_tree(module, cfg, spec, path, seed: int = 0, graph: str = "draft_tree") -> list[Check]:
     """Scores and cache rows within tolerance; candidate tokens and parents must be identical."""
-    return check_cases("draft_tree", module, spec, path, tree_cases(cfg, spec, seed))
+    return check_cases(graph, module, spec, path, tree_cases(cfg, spec, seed))
 
 
 def quantized_tree_spec(t_spec: GraphSpec, precision: str) -> GraphSpec:

@@ -406,6 +406,7 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
     """The one-call draft graph (checked against the HF-module drafter; FP16 when ``graph_precision`` says so, then
     checked against its FP32 graph) and, for int8/int4, its ORT-CPU quantized twin (checked against the float
     graph). Returns ([specs], checks)."""
+    from .cpu_draft_tree import unsupported as written_draft_unsupported
     from .draft_tree import DraftTreeGraph, draft_tree_spec, quantized_tree_spec, validate_draft_tree, validate_quantized_tree
     from .drafter_export import drafter_dummy
     from .quantize import PRECISIONS, quantize_matmuls
@@ -424,10 +425,14 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
         checks = validate_draft_tree(reference, drafter.config, t_spec, folder / t_spec.file, seed)
     if PRECISIONS[precision]:
         q_spec = quantized_tree_spec(t_spec, precision)
-        with stages.stage(f"{precision} weights (MatMulNBits, ORT-CPU only) → {q_spec.file}"):
-            quantize_matmuls(folder / t_spec.file, folder / q_spec.file, PRECISIONS[precision])
-        with stages.stage(f"check {q_spec.file} against {t_spec.file}"):
-            checks += validate_quantized_tree(drafter.config, t_spec, folder / t_spec.file, q_spec, folder / q_spec.file, seed)
+        if written_draft_unsupported(drafter) is None:
+            checks += _written_draft_tree(drafter, embed_weight, embed_scale, reference, t_spec, q_spec, folder, stages, seed)
+        else:
+            with stages.stage(f"{precision} weights (MatMulNBits, ORT-CPU only) → {q_spec.file}"):
+                quantize_matmuls(folder / t_spec.file, folder / q_spec.file, PRECISIONS[precision])
+            with stages.stage(f"check {q_spec.file} against {t_spec.file}"):
+                checks += validate_quantized_tree(drafter.config, t_spec, folder / t_spec.file, q_spec, folder / q_spec.file,
+                                                  seed)
     specs = [t_spec]
     if graph_precision == "fp16":  # after the CPU twin, which quantizes the float graph
         from .draft_tree import tree_cases
@@ -438,6 +443,30 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
     if PRECISIONS[precision]:
         specs.append(q_spec)
     return specs, checks
+
+
+def _written_draft_tree(drafter, embed_weight, embed_scale: float, reference, t_spec, q_spec, folder: Path, stages,
+                        seed: int) -> list:
+    """The ORT-CPU draft graph written node by node (``cpu_draft_tree``): built at fp32 and checked against the PyTorch
+    drafter, then at ``q_spec``'s precision into ``folder`` and checked against that fp32 build."""
+    import tempfile
+
+    from .cpu_draft_tree import build_cpu_draft_tree, drafter_weights
+    from .draft_tree import validate_draft_tree, validate_quantized_tree
+    from .quantize import PRECISIONS
+
+    precision = q_spec.extra["precision"]
+    w = drafter_weights(drafter, embed_weight, embed_scale)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".cpu-draft-tree-") as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        with stages.stage(f"written ORT-CPU draft graph (packed projections, GroupQueryAttention, fused norms) at fp32, "
+                          f"checked against the PyTorch drafter"):
+            build_cpu_draft_tree(w, t_spec, float_path, None)
+            checks = validate_draft_tree(reference, drafter.config, t_spec, float_path, seed, graph="draft_tree_ort_cpu_fp32")
+        with stages.stage(f"{precision} weights, int8 compute (MatMulNBits) → {q_spec.file}; checked against the fp32 build"):
+            build_cpu_draft_tree(w, q_spec, folder / q_spec.file, PRECISIONS[precision])
+            checks += validate_quantized_tree(drafter.config, t_spec, float_path, q_spec, folder / q_spec.file, seed)
+    return checks
 
 
 def set_draft_tree(bundle_dir: Path, model, processor, drafter_dir: Path, tree: TreeSpec, quiet: bool = True) -> Path:

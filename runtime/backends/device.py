@@ -1,4 +1,5 @@
-"""Device-resident decoding: the target's K/V stay in (device) memory between calls (issue 9, item 3).
+"""Device-resident decoding: the target's K/V stay in (device) memory between calls, so no call copies the past
+between host and device: only logits / hidden rows / attention scores come back.
 
 Three small pieces, each replaceable:
 - a **memory** (``alloc`` / ``upload`` / ``download`` / ``copy``): ``CudaMemory`` (cuda-python) on a GPU,

@@ -1,4 +1,6 @@
-"""ONNX Runtime backend (CPU by default, CUDA when its provider is installed and asked for)."""
+"""ONNX Runtime backend (CPU by default, CUDA when its provider is installed and asked for), its variant with the
+TensorRT provider (``OrtTrtBackend``), and the providers and provider options each backend name means
+(``provider_list``, ``trt_profile_options``)."""
 
 from __future__ import annotations
 
@@ -103,3 +105,62 @@ class OrtBackend(Backend):
 
     def _run(self, graph, feeds, output_names):
         return self.session(graph).run(output_names, feeds)
+
+
+class OrtTrtBackend(OrtBackend):
+    """ONNX Runtime with the TensorRT provider, each graph's session given that graph's optimization profiles."""
+
+    def providers_for(self, graph: str) -> list:
+        return provider_list("ort-trt", self.bundle, self.device_id, graph=graph)
+
+    def session(self, graph: str):
+        if graph not in self._sessions:
+            self.providers = self.providers_for(graph)
+        return super().session(graph)
+
+
+def trt_profile_options(bundle, graph: str) -> dict:
+    """ONNX Runtime TensorRT provider options with the graph's optimization profiles (``trt_plan.Plan``): without
+    them the provider builds an engine for the shapes it first sees and rebuilds it whenever the past grows past
+    them. Format: ``name:d0xd1x...`` comma-separated; an input listed again starts the next profile."""
+    from .trt_plan import Plan, profile_shapes
+
+    plan = Plan.from_manifest(bundle.manifest)
+    if graph not in plan.profiles:
+        return {}
+    out = {}
+    for point in ("min", "opt", "max"):
+        out[f"trt_profile_{point}_shapes"] = ",".join(
+            f"{name}:{'x'.join(str(d) for d in shapes[point])}"
+            for prof in profile_shapes(plan, graph) for name, shapes in prof.items())
+    return out
+
+
+def provider_list(name: str, bundle, device_id: int = 0, graph: str | None = None) -> list:
+    """ONNX Runtime providers (with their options) for a resolved backend name; ``graph``: the graph the session
+    is for (the TensorRT provider then gets its optimization profiles).
+
+    The TensorRT provider's options: no ``trt_fp16_enable`` (a bundle's precision lives in its graphs; the flag
+    would also let TensorRT run their fp32 head and islands in fp16), ``trt_int8_enable`` for INT8 bundles (their
+    Q/DQ graphs need the builder's INT8 mode; no calibration table: the scales are in the graph). Engines and the
+    timing cache go into ``engines/ort-trt-<onnxruntime version>/`` in the bundle: the provider names a cached
+    engine by a hash of its subgraph and the GPU's compute capability only, not by the onnxruntime or TensorRT
+    version, so a folder per onnxruntime version keeps an upgrade from loading an engine it did not build
+    (after a TensorRT upgrade under the same onnxruntime, delete the folder)."""
+    if name == "ort-cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": str(device_id)})
+    if name == "ort-cuda":
+        return [cuda, "CPUExecutionProvider"]
+    precision = str((bundle.manifest.get("precision") or "fp32"))
+    cache = str(Path(bundle.path) / "engines" / f"ort-trt-{ort.__version__}")
+    options = {
+        "device_id": str(device_id),
+        "trt_fp16_enable": "False",
+        "trt_int8_enable": "True" if precision == "int8" else "False",
+        "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+    }
+    if graph is not None:
+        options.update(trt_profile_options(bundle, graph))
+    return [("TensorrtExecutionProvider", options), cuda, "CPUExecutionProvider"]

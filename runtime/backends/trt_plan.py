@@ -1,4 +1,4 @@
-"""The TensorRT backend's plan layer: pure Python, no TensorRT, no GPU (issue 9, item 3).
+"""The TensorRT backend's plan layer: pure Python, no TensorRT, no GPU, so all it decides is tested on the CPU.
 
 What it decides, from the manifest alone:
 - **engines and optimization profiles**: one engine per graph, with the profiles every call of the runtime
