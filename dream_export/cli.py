@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
                    help="--cpu-precision int8/int4: the written ORT-CPU decoder's LM head (and token rows) width "
                         "(default: as --cpu-precision)")
-    p.add_argument("--max-chains", type=int, default=2, metavar="C",
+    p.add_argument("--max-chains", type=int, default=None, metavar="C",
                    help="--cpu-precision int8/int4: most root-to-leaf chains one verify call holds (one graph per count "
-                        "1..C; default 2)")
+                        "1..C; default: what a built-in model's drafter ships with for its tree, else 2)")
     p.add_argument("--gpu-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="also write the float decoder graphs TensorRT builds from (default: only with --cpu-precision "
                         "fp32; an int8/int4 CPU bundle is CPU-only and about 4-7x smaller without them)")
@@ -61,7 +61,7 @@ def _tree(text: str):
         raise argparse.ArgumentTypeError(f"--{exc}") from exc
 
 
-def _tune_samples(data: str, count: int, tmp: Path) -> list:
+def tune_samples(data: str, count: int, tmp: Path) -> list:
     """(image paths, prompt) pairs for --tune from a dream-train --data source; in-memory images (scenes:N) are
     written into ``tmp``, which the tuner reads while it runs."""
     from .train.data import load_samples
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
         if args.no_drafter and args.drafter is not None:
             raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
-        drafter, tree, runtime_cfg = drafter_folder(args.drafter), args.tree, None
+        drafter, tree, runtime_cfg, max_chains = drafter_folder(args.drafter), args.tree, None, args.max_chains
         if drafter is not None and not any((drafter / f).is_file() for f in ("drafter_config.json", "config.json")):
             raise DreamExportError(f"--drafter {args.drafter}: no drafter_config.json (dream-train output, or its --out "
                                    f"folder holding drafter/) or config.json (a released DREAM checkpoint)")
@@ -109,9 +109,10 @@ def main(argv=None) -> int:
             shipped = shipped_drafter(source)
             if shipped is not None:
                 drafter = shipped[0]
-                shipped_tree, shipped_runtime = defaults_for(drafter, args.cpu_precision)
+                shipped_tree, shipped_runtime, shipped_chains = defaults_for(drafter, args.cpu_precision)
                 tree = tree or (TreeSpec.from_json(shipped_tree) if shipped_tree else None)
-                runtime_cfg = None if args.tree else shipped_runtime  # measured for the shipped tree only
+                if not args.tree:  # measured for the shipped tree only
+                    runtime_cfg, max_chains = shipped_runtime, max_chains or shipped_chains
         model, processor = load_target(source)
         info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
         int8 = args.precision == "int8"
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
                                                                              else "fp16" if int8 else None),
                                                                 runtime=runtime_cfg,
                                                                 cpu_precision=args.cpu_precision,
-                                                                head_bits=args.head_bits, max_chains=args.max_chains,
+                                                                head_bits=args.head_bits, max_chains=max_chains or 2,
                                                                 gpu_graphs=args.gpu_graphs,
                                                                 precision="fp32" if int8 else args.precision),
                           quiet=args.quiet)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix=".tune-", dir=out.parent) as tmp:
-                samples = _tune_samples(args.tune_data, args.tune_samples, Path(tmp)) if args.tune_data else None
+                samples = tune_samples(args.tune_data, args.tune_samples, Path(tmp)) if args.tune_data else None
                 chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree),
                                      samples=samples)
             import json

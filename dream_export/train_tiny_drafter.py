@@ -33,7 +33,7 @@ def train_all(out: Path, variants=tuple(VARIANTS), steps: int | None = None) -> 
     from .drafter.model import DrafterConfig
     from .export.exporter import load_target
     from .presets.smolvlm_tiny import ensure_smolvlm_tiny
-    from .train.cli import _weights_digest
+    from .train.cli import weights_digest
     from .train.data import load_samples
     from .train.features import build_cache, load_examples
     from .train.trainer import TrainOptions, train_drafter
@@ -44,7 +44,7 @@ def train_all(out: Path, variants=tuple(VARIANTS), steps: int | None = None) -> 
     samples = load_samples(RECIPE["data"], seed=RECIPE["seed"])
     probe = DrafterConfig.for_target(model.config.text_config)
     t0 = time.time()
-    fingerprint = {"model": source, "data": RECIPE["data"], "seed": RECIPE["seed"], "weights": _weights_digest(source)}
+    fingerprint = {"model": source, "data": RECIPE["data"], "seed": RECIPE["seed"], "weights": weights_digest(source)}
     shards = build_cache(model, processor, samples, out / "features", probe.mid_layer_candidates,
                          max_new_tokens=RECIPE["max_new_tokens"], fingerprint=fingerprint)
     examples = load_examples(shards)

@@ -29,6 +29,8 @@ CANDIDATES = [
     TreeSpec(4, 3, 1, 8), TreeSpec(8, 3, 2, 8), TreeSpec(12, 4, 3, 8), TreeSpec(16, 5, 4, 8),
     # ... verifying only candidates at least ~20% likely (where a verify row is a fifth of a decode step, a CPU)
     TreeSpec(8, 3, 2, 8, -1.6), TreeSpec(12, 4, 3, 8, -1.6),
+    # ... and greedy drafter chains (one row per level: what a one-chain verify graph reads)
+    TreeSpec(8, 3, 1, 8, -1.6), TreeSpec(8, 4, 1, 8, -1.6),
 ]
 
 

@@ -29,9 +29,7 @@ def _isolated_store(tmp_path_factory):
 def images(tmp_path_factory):
     import helpers
 
-    imgs = helpers.write_images(tmp_path_factory.mktemp("images"))
-    helpers._IMAGES["default"] = imgs
-    return imgs
+    return helpers.write_images(tmp_path_factory.mktemp("images"))
 
 
 class Zoo:

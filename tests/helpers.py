@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-_IMAGES: dict = {}
-
 PROMPTS = [
     "What color is the circle?",
     "Describe the image.",

@@ -46,7 +46,8 @@ def _export(model_dir, out, **kw):
     model, processor = load_target(str(model_dir))
     shipped = shipped_drafter(model_dir)
     drafter = shipped[0] if shipped else None
-    tree, runtime = defaults_for(drafter, kw.get("cpu_precision", "fp32")) if drafter else (None, None)
+    tree, runtime, chains = defaults_for(drafter, kw.get("cpu_precision", "fp32")) if drafter else (None, None, None)
+    kw.setdefault("max_chains", chains or 2)
     return export_bundle(model, processor, {"model": "smolvlm-smollm2"},
                          ExportOptions(out=out, drafter=drafter, tree=TreeSpec.from_json(tree) if tree else None,
                                        runtime=runtime, **kw), quiet=True)
@@ -59,7 +60,9 @@ def s2_bundle(s2_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s2_bundle_int4(s2_model, tmp_path_factory):
-    return _export(s2_model, tmp_path_factory.mktemp("s2int4") / "bundle", cpu_precision="int4")
+    """The shipped int4 defaults, but with the two-chain verify graph as well (the shipped tree verifies one chain),
+    so that branched verifies are tested on real weights too."""
+    return _export(s2_model, tmp_path_factory.mktemp("s2int4") / "bundle", cpu_precision="int4", max_chains=2)
 
 
 def _image_prompts(tmp_path, images, n=10):

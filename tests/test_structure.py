@@ -96,3 +96,44 @@ def test_no_import_circles():
             f"{a} -> {b} (line {', '.join(str(d['line_number']) for d in graph.get_import_details(importer=a, imported=b))})"
             for a in circle for b in sorted(edges[a] & members)))
     assert not report, "import circles:\n" + "\n".join(report)
+
+
+def _private_imports(source: str, module: str) -> list[str]:
+    """``from <one of our modules> import _name`` in ``source`` (the module ``module``): a private name of another
+    module of ours, which makes that module's internals part of its interface."""
+    import ast
+
+    found = []
+    package = module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:  # relative: resolve against this module's package
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+        else:
+            target = node.module or ""
+        if target.split(".")[0] not in PACKAGES:
+            continue
+        found += [f"{module}: from {target} import {a.name}" for a in node.names
+                  if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_private_imports_are_found():
+    src = "from .validate import _session, check\nfrom onnx import _private\nfrom runtime.kv import _Grow\n"
+    assert _private_imports(src, "dream_export.export.draft_tree") == [
+        "dream_export.export.draft_tree: from dream_export.export.validate import _session",
+        "dream_export.export.draft_tree: from runtime.kv import _Grow"]
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+            if rel.name == "__init__":
+                module += ".__init__"  # its relative imports resolve against the package itself
+            found += _private_imports(path.read_text(), module)
+    assert not found, "\n".join(found)

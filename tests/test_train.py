@@ -134,7 +134,7 @@ def test_agreement_is_the_drafters_next_token_guess_position_by_position(cached)
     """``agreement`` (teacher-forced top-k over whole sequences, draft vocabulary mapped to target ids) equals
     running the drafter on each answer prefix alone and comparing its last guess with the target's next token."""
     from dream_export.drafter.model import DrafterConfig, DreamDrafter, full_sequence_masks
-    from dream_export.train.trainer import _keep_mask, agreement
+    from dream_export.train.trainer import keep_mask, agreement
 
     model, _, out, shards, cfg = cached
     examples = load_examples(shards)[:4]
@@ -148,7 +148,7 @@ def test_agreement_is_the_drafters_next_token_guess_position_by_position(cached)
     with torch.no_grad():
         for ex in examples:
             ids, p0 = ex["input_ids"], int(ex["prompt_len"][0])
-            keep = _keep_mask(ex, image, 0.75)
+            keep = keep_mask(ex, image, 0.75)
             for i in range(p0 - 1, len(ids) - 1):  # the query at i (token x_i) guesses x_{i+1}
                 sm, cm = full_sequence_masks(i + 1, keep[: i + 1])
                 logits = drafter(ex["embeds"][None, : i + 1], torch.arange(i + 1)[None], sm,

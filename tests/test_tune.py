@@ -48,12 +48,12 @@ def test_tune_writes_the_best_tree(zoo, tmp_path):
 
 def test_tune_data_reads_dream_train_sources(tmp_path):
     """--tune-data takes what dream-train --data takes: text-only JSONL rows and scenes (written as files)."""
-    from dream_export.cli import _tune_samples
+    from dream_export.cli import tune_samples
 
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "What is a robot?"}\n{"prompt": "Name a colour.", "image": []}\n')
-    assert _tune_samples(str(data), 5, tmp_path) == [([], "What is a robot?"), ([], "Name a colour.")]
-    pairs = _tune_samples("scenes:3", 2, tmp_path)
+    assert tune_samples(str(data), 5, tmp_path) == [([], "What is a robot?"), ([], "Name a colour.")]
+    pairs = tune_samples("scenes:3", 2, tmp_path)
     assert len(pairs) == 2 and all(len(p) == 1 and p[0].endswith(".png") for p, _ in pairs)
 
 

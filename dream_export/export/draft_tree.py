@@ -162,9 +162,9 @@ def validate_quantized_tree(cfg, t_spec, float_path, q_spec, q_path, seed: int =
     relative L2 error within RELATIVE_TOLERANCE. The tree itself may differ (it is a proposal the
     target verifies); how much it differs shows up in acceptance, which ``--tune`` measures."""
     from .quantize import RELATIVE_TOLERANCE
-    from .validate import _session, relative_error_check
+    from .validate import cpu_session, relative_error_check
 
-    ref_sess, q_sess = _session(float_path), _session(q_path)
+    ref_sess, q_sess = cpu_session(float_path), cpu_session(q_path)
     rel = RELATIVE_TOLERANCE[q_spec.extra["precision"]]
     names = [t.name for t in t_spec.outputs]
     checks = []

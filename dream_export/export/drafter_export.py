@@ -9,7 +9,7 @@ from torch import nn
 
 from runtime.tree import random_tree, ancestor_matrix
 
-from .validate import Check, _compare, _session
+from .validate import Check, compare_graph_outputs, cpu_session
 
 
 class DrafterGraph(nn.Module):
@@ -76,14 +76,14 @@ def drafter_feeds(spec, rng, hidden: int, past_len: int, mem_past: int, self_all
 
 def check_cases(graph: str, module, spec, path, cases) -> list[Check]:
     """Run each (case, feeds) through the ONNX file and the PyTorch module; compare every output."""
-    sess = _session(path)
+    sess = cpu_session(path)
     names = [t.name for t in spec.inputs]
     checks = []
     for case, feeds in cases:
         with torch.no_grad():
             ref = module(*[torch.from_numpy(feeds[n]) for n in names])
         got = sess.run([t.name for t in spec.outputs], feeds)
-        checks += _compare(graph, case, spec, ref, got)
+        checks += compare_graph_outputs(graph, case, spec, ref, got)
     return checks
 
 

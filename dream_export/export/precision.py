@@ -151,7 +151,7 @@ def activation_ranges(path: Path, cases: list[tuple[str, dict]]) -> dict[str, fl
 
     opts = session_options()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(_with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_all_outputs(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     ranges: dict[str, float] = {}
     for _, feeds in cases:
@@ -215,7 +215,7 @@ def to_fp16(src: Path, dst: Path, cases: list[tuple[str, dict]] | None = None, m
 FP16_MAX = 65504.0
 
 
-def _with_all_outputs(path: Path):
+def with_all_outputs(path: Path):
     """The graph with every intermediate float tensor as an extra output (for activation ranges)."""
     import onnx
 
@@ -238,7 +238,7 @@ def validate_fp16(name: str, float_path: Path, fp16_path: Path, cases: list[tupl
 
     opts = session_options()
     opts.log_severity_level = 3
-    ref_sess = ort.InferenceSession(_with_all_outputs(float_path), opts, providers=["CPUExecutionProvider"])
+    ref_sess = ort.InferenceSession(with_all_outputs(float_path), opts, providers=["CPUExecutionProvider"])
     sess = ort.InferenceSession(str(fp16_path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     all_names = [o.name for o in ref_sess.get_outputs()]

@@ -72,7 +72,7 @@ class TextSample:
     continuation_ids: np.ndarray  # [>= 1 + TREE_NODES] int64
 
 
-def _session(path) -> ort.InferenceSession:
+def cpu_session(path) -> ort.InferenceSession:
     opts = session_options()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -100,7 +100,7 @@ def compare(graph: str, case: str, name: str, ref: np.ndarray, got: np.ndarray, 
     return check
 
 
-def _compare(graph, case, spec, torch_outs, ort_outs) -> list[Check]:
+def compare_graph_outputs(graph, case, spec, torch_outs, ort_outs) -> list[Check]:
     return [compare(graph, case, t.name, a.detach().float().numpy(), b, spec.atol, spec.rtol)
             for t, a, b in zip(spec.outputs, torch_outs, ort_outs)]
 
@@ -108,7 +108,7 @@ def _compare(graph, case, spec, torch_outs, ort_outs) -> list[Check]:
 def decoder_cases(spec, embed: np.ndarray, sample: TextSample, path, seed: int) -> list[tuple[str, dict]]:
     """prefill (a real prompt), step (the next real token over the prefill's K/V) and tree16 (16 real tokens in a
     random tree over the prefill + step K/V); every past K/V comes from the exported graph at ``path``."""
-    sess = _session(path)
+    sess = cpu_session(path)
     rng = np.random.default_rng(seed)
     kv = spec.extra["kv"]
     mask_min = spec.extra["mask_min"]
@@ -143,14 +143,14 @@ def decoder_cases(spec, embed: np.ndarray, sample: TextSample, path, seed: int) 
 
 
 def validate_decoder(module, spec, path, cases) -> list[Check]:
-    sess = _session(path)
+    sess = cpu_session(path)
     checks = []
     names = [t.name for t in spec.inputs]
     for case, feeds in cases:
         with torch.no_grad():
             torch_outs = module(*[torch.from_numpy(feeds[n]) for n in names])
         ort_outs = sess.run([t.name for t in spec.outputs], feeds)
-        checks += _compare("decoder", case, spec, torch_outs, ort_outs)
+        checks += compare_graph_outputs("decoder", case, spec, torch_outs, ort_outs)
     return checks
 
 
@@ -167,13 +167,13 @@ def vision_examples(spec, sizes=None, seed: int = 0) -> list[tuple[str, dict]]:
 
 
 def validate_vision(module, spec, path, examples: list[tuple[str, dict]]) -> list[Check]:
-    sess = _session(path)
+    sess = cpu_session(path)
     checks = []
     for case, feeds in examples:
         with torch.no_grad():
             ref = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
         got = sess.run(None, feeds)
-        checks += _compare("vision", case, spec, (ref,), got)
+        checks += compare_graph_outputs("vision", case, spec, (ref,), got)
     return checks
 
 
@@ -187,7 +187,7 @@ def raise_on_mismatch(checks: list[Check]) -> None:
 def validate_fused_decoder(reference, spec, path, cases, slack: int = 5) -> list[Check]:
     """The fused graph against the standard torch decoder on the same cases: logits, hidden states, and the
     new K/V rows."""
-    sess = _session(path)
+    sess = cpu_session(path)
     checks = []
     names = [t.name for t in spec.inputs]
     kv = spec.extra["kv"]
@@ -202,7 +202,7 @@ def validate_fused_decoder(reference, spec, path, cases, slack: int = 5) -> list
         outs = sess.run([t.name for t in spec.outputs], buffered)
         # the new rows of the shared [1,kvh,T,hd] buffers, as the decoder's [1,Q,kvh,hd]
         outs = [o[:, :, p:p + q].transpose(0, 2, 1, 3) if t.name.startswith("present_") else o for t, o in zip(spec.outputs, outs)]
-        checks += _compare(spec.name, case, spec, ref, outs)
+        checks += compare_graph_outputs(spec.name, case, spec, ref, outs)
     return checks
 
 
@@ -212,7 +212,7 @@ def validate_quantized_decoder(spec, float_path, q_path, cases, precision: str, 
     at least MIN_TOP1_AGREEMENT (both sanity bounds against a broken graph) (a quantized target is another model: greedy output equals plain decoding at its precision)."""
     from .quantize import MIN_TOP1_AGREEMENT, RELATIVE_TOLERANCE
 
-    ref_sess, q_sess = _session(float_path), _session(q_path)
+    ref_sess, q_sess = cpu_session(float_path), cpu_session(q_path)
     kv = spec.extra["kv"]
     names = [t.name for t in spec.outputs]
     graph = f"{spec.name}_{precision}"

@@ -15,13 +15,14 @@ def drafter_and_tree(folder: Path) -> tuple[Path, dict | None] | None:
     return folder, (json.loads(defaults.read_text()).get("tree") if defaults.is_file() else None)
 
 
-def defaults_for(drafter_dir: Path, cpu_precision: str) -> tuple[dict | None, dict | None]:
-    """(tree, runtime) shipped for bundles at ``cpu_precision``: ``bundle_defaults.json``'s "cpu_precision"
-    entry for it where there is one (a quantized CPU target changes what a verify row costs against a step,
-    so it was tuned on its own), else its top-level "tree" and "runtime"."""
+def defaults_for(drafter_dir: Path, cpu_precision: str) -> tuple[dict | None, dict | None, int | None]:
+    """(tree, runtime, max_chains) shipped for bundles at ``cpu_precision``: ``bundle_defaults.json``'s
+    "cpu_precision" entry for it where there is one (a quantized CPU target changes what a verify row costs against
+    a step, so it was tuned on its own), else its top-level "tree" and "runtime" (and no chain count: the exporter's
+    default)."""
     path = Path(drafter_dir) / "bundle_defaults.json"
     if not path.is_file():
-        return None, None
+        return None, None, None
     data = json.loads(path.read_text())
     own = (data.get("cpu_precision") or {}).get(cpu_precision) or {}
-    return own.get("tree", data.get("tree")), own.get("runtime", data.get("runtime"))
+    return own.get("tree", data.get("tree")), own.get("runtime", data.get("runtime")), own.get("max_chains")

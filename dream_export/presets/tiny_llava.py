@@ -61,13 +61,13 @@ def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec())
         projector_hidden_act="gelu",
         **_towers(spec, tokenizer, eos_id),
     )
-    model = _model(LlavaForConditionalGeneration, config, spec, tokenizer, eos_id)
+    model = build_model(LlavaForConditionalGeneration, config, spec, tokenizer, eos_id)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": spec.shortest_edge},
                                             crop_size={"height": spec.image_size, "width": spec.image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
                                vision_feature_select_strategy=spec.select_strategy, chat_template=LLAVA_CHAT_TEMPLATE,
                                image_token="<image>", num_additional_image_tokens=1)
-    return _save(out_dir, model, processor, spec)
+    return save_model(out_dir, model, processor, spec)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLla
         vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=spec.select_strategy,
         **_towers(spec, tokenizer, eos_id),
     )
-    model = _model(LlavaNextForConditionalGeneration, config, spec, tokenizer, eos_id)
+    model = build_model(LlavaNextForConditionalGeneration, config, spec, tokenizer, eos_id)
     with torch.no_grad():
         model.model.image_newline.normal_(0.0, 1.0)
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": spec.image_size},
@@ -101,7 +101,7 @@ def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLla
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
                                    vision_feature_select_strategy=spec.select_strategy,
                                    chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
-    return _save(out_dir, model, processor, spec)
+    return save_model(out_dir, model, processor, spec)
 
 
 def _towers(spec, tokenizer, eos_id) -> dict:
@@ -119,7 +119,7 @@ def _towers(spec, tokenizer, eos_id) -> dict:
                          eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std))
 
 
-def _model(cls, config, spec, tokenizer, eos_id):
+def build_model(cls, config, spec, tokenizer, eos_id):
     import torch
     from transformers import GenerationConfig
 
@@ -134,7 +134,7 @@ def _model(cls, config, spec, tokenizer, eos_id):
     return model
 
 
-def _save(out_dir: Path, model, processor, spec) -> Path:
+def save_model(out_dir: Path, model, processor, spec) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

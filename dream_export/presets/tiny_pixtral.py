@@ -52,7 +52,7 @@ def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralS
                               Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor)
 
     from .tiny import load_tokenizer
-    from .tiny_llava import _model, _save
+    from .tiny_llava import build_model, save_model
 
     tokenizer = load_tokenizer()
     tokenizer.add_tokens(PIXTRAL_TOKENS, special_tokens=True)
@@ -80,9 +80,9 @@ def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralS
                          rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
     )
-    model = _model(cls, config, spec, tokenizer, eos_id)
+    model = build_model(cls, config, spec, tokenizer, eos_id)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": spec.longest_edge},
                                                patch_size={"height": spec.patch, "width": spec.patch})
     processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch,
                                  spatial_merge_size=spec.merge, chat_template=PIXTRAL_CHAT_TEMPLATE)
-    return _save(out_dir, model, processor, spec)
+    return save_model(out_dir, model, processor, spec)

@@ -52,7 +52,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, spec: TinyQwen25VLSpec = TinyQwen
                               Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
 
     from .tiny import load_tokenizer
-    from .tiny_llava import _model, _save
+    from .tiny_llava import build_model, save_model
 
     tokenizer = load_tokenizer()
     tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)
@@ -77,11 +77,11 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, spec: TinyQwen25VLSpec = TinyQwen
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_id,
                          pad_token_id=tokenizer.pad_token_id, initializer_range=spec.init_std),
     )
-    model = _model(Qwen2_5_VLForConditionalGeneration, config, spec, tokenizer, eos_id)
+    model = build_model(Qwen2_5_VLForConditionalGeneration, config, spec, tokenizer, eos_id)
     factor = spec.patch * spec.merge
     pixels = {"shortest_edge": factor * factor, "longest_edge": factor * factor * spec.max_tokens}
     kw = dict(patch_size=spec.patch, merge_size=spec.merge, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(size=pixels, **kw), tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(size=pixels, **kw),
                                     chat_template=QWEN_CHAT_TEMPLATE)
-    return _save(out_dir, model, processor, spec)
+    return save_model(out_dir, model, processor, spec)

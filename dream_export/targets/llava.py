@@ -15,7 +15,7 @@ from ..errors import DreamExportError
 from .base import TargetAdapter, pixel_rules, register_adapter, stacked_features
 
 
-class _LlavaVision(nn.Module):
+class LlavaVision(nn.Module):
     """pixel_values [T,3,S,S] -> image_embeds [T, image_seq_len, H], as LlavaModel.get_image_features computes them."""
 
     def __init__(self, model):
@@ -86,7 +86,7 @@ class LlavaAdapter(TargetAdapter):
         return self.model.model.language_model
 
     def vision_module(self):
-        return _LlavaVision(self.model)
+        return LlavaVision(self.model)
 
     def image_seq_len(self) -> int:
         cfg = self.model.config

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DreamExportError
 from .base import TargetAdapter, pixel_rules, register_adapter, stacked_features
-from .llava import _LlavaVision
+from .llava import LlavaVision
 
 
 def _side(value) -> int:
@@ -75,7 +75,7 @@ class PixtralAdapter(TargetAdapter):
         return self.model.model.language_model
 
     def vision_module(self):
-        return _LlavaVision(self.model)  # select strategy "full": every patch's features, through the projector
+        return LlavaVision(self.model)  # select strategy "full": every patch's features, through the projector
 
     def vision_input_shape(self) -> tuple[int, int, int]:
         side = -(-self.longest_edge // self.patch) * self.patch

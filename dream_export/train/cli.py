@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _weights_digest(source) -> str | None:
+def weights_digest(source) -> str | None:
     """sha256 over a local model folder's safetensors files (a retrained target must not reuse old features)."""
     from runtime.bundle import sha256_file
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                                        "model.safetensors) or a dream-train --out folder holding one")
             width = {"intermediate_size": DrafterConfig.load(args.init).intermediate_size}
         cfg = DrafterConfig.for_target(model.config.text_config, keep_visual=args.keep_visual, arch=args.arch, **width)
-        fingerprint = {"model": str(source), "data": args.data, "seed": args.seed, "weights": _weights_digest(source)}
+        fingerprint = {"model": str(source), "data": args.data, "seed": args.seed, "weights": weights_digest(source)}
         shards = build_cache(model, processor, samples, args.features or args.out / "features", cfg.mid_layer_candidates,
                              max_new_tokens=args.max_new_tokens, fingerprint=fingerprint)
         examples = load_examples(shards)

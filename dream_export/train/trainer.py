@@ -47,7 +47,7 @@ class TrainOptions:
                                   # stored, so the draft vocabulary may differ), unless a checkpoint resumes
 
 
-def _keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
+def keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
     ids = ex["input_ids"]
     mask = torch.ones(len(ids), dtype=torch.bool)
     image = (ids == image_token_id).nonzero().squeeze(1)
@@ -61,7 +61,7 @@ def _keep_mask(ex: dict, image_token_id: int, keep: float) -> torch.Tensor:
 def sequence_loss(drafter: DreamDrafter, ex: dict, opts: TrainOptions, image_token_id: int, generator=None):
     """Losses and top-1 agreement on the answer positions of one cached sequence."""
     n = len(ex["input_ids"])
-    keep = _keep_mask(ex, image_token_id, opts.keep_visual)
+    keep = keep_mask(ex, image_token_id, opts.keep_visual)
     self_mask, cross_mask = full_sequence_masks(n, keep)
     memory = ex["features"][None]
     if opts.noise and drafter.training:
@@ -93,7 +93,7 @@ def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id
     lengths = []
     for ex in examples:
         ids, n, p0 = ex["input_ids"], len(ex["input_ids"]), int(ex["prompt_len"][0])
-        keep_mask = _keep_mask(ex, image_token_id, keep)
+        kept = keep_mask(ex, image_token_id, keep)
         # the answer is the target's own greedy output, so its next token after position i (i >= p0 - 1) is ids[i + 1]
         # (a target id, whatever the drafter's vocabulary)
         starts = list(range(p0, n - 1))[:max_starts]
@@ -102,7 +102,7 @@ def chain_acceptance(drafter: DreamDrafter, examples: list[dict], image_token_id
             toks = [int(t) for t in ids[: i + 1]]
             embeds = ex["embeds"][: i + 1]
             memory = ex["features"][:i]
-            keepm = keep_mask[: i + 1].clone()
+            keepm = kept[: i + 1].clone()
             accepted = 0
             for d in range(depth):
                 m = len(toks)
@@ -136,7 +136,7 @@ def agreement(drafter: DreamDrafter, examples: list[dict], image_token_id: int, 
     n = covered = 0
     for ex in examples:
         ids, p0 = ex["input_ids"], int(ex["prompt_len"][0])
-        self_mask, cross_mask = full_sequence_masks(len(ids), _keep_mask(ex, image_token_id, keep))
+        self_mask, cross_mask = full_sequence_masks(len(ids), keep_mask(ex, image_token_id, keep))
         out = drafter(ex["embeds"][None], torch.arange(len(ids))[None], self_mask, ex["features"][None], cross_mask,
                       *drafter.empty_past())
         top = out[0][0, p0 - 1: len(ids) - 1].topk(max(ks), dim=-1).indices

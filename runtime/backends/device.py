@@ -273,7 +273,7 @@ class OrtPointerExecutor:
         self.session.run_with_iobinding(io)
 
 
-class _Grown:
+class GrownBuffer:
     """A device buffer that grows (to a power of two) when a call needs more bytes than it has."""
 
     def __init__(self, memory):
@@ -391,8 +391,8 @@ class DecoderBuffers:
     def __init__(self, memory, n_past: int, capacity: int, row_bytes: int, fixed_sizes: dict | None, fixed_q: int):
         self.memory, self.capacity, self.row_bytes = memory, int(capacity), int(row_bytes)
         self.cache = [memory.alloc(capacity * row_bytes) for _ in range(n_past)]  # zeroed: padding is finite
-        self.scratch = [_Grown(memory) for _ in range(n_past)]
-        self.staging = {n: _Grown(memory) for n in ("inputs_embeds", "attention_mask", "position_ids",
+        self.scratch = [GrownBuffer(memory) for _ in range(n_past)]
+        self.staging = {n: GrownBuffer(memory) for n in ("inputs_embeds", "attention_mask", "position_ids",
                                                      "logits", "hidden_states", "attention_received")}
         self.fixed_buffers: list[Buffer] = []
         self.fixed, self.fixed_scratch = {}, []

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import BundleError
 from .base import TRT_MINIMUM, Backend, BackendUnavailable
-from .device import CudaMemory, DecoderPool, DeviceDecoder, GraphRunner, _Grown, cuda_check
+from .device import CudaMemory, DecoderPool, DeviceDecoder, GraphRunner, GrownBuffer, cuda_check
 from .trt_plan import EngineCache, Plan, engine_dir, engine_key
 
 GRAPH_BUCKET = 64  # decoder calls bind their past padded to a multiple of this many positions (one graph per bucket)
@@ -223,7 +223,7 @@ class TrtBackend(Backend):
         # DREAM_CUDA_GRAPHS=0 turns CUDA graphs off (they are on by default: they have not run on a GPU here)
         self.cuda_graphs = os.environ.get("DREAM_CUDA_GRAPHS", "1") != "0" if cuda_graphs is None else cuda_graphs
         self.engines: dict[str, TrtEngine] = {}
-        self._staging: dict[tuple[str, str], _Grown] = {}
+        self._staging: dict[tuple[str, str], GrownBuffer] = {}
         self.pool = DecoderPool()  # decoders' device buffers, reused request after request (CUDA graphs replay)
 
     def close(self) -> None:
@@ -283,8 +283,8 @@ class TrtBackend(Backend):
         eng.execute(profile, inputs, outputs)
         return self.memory.download_many([outputs[n] for n in output_names])
 
-    def _buffer(self, graph: str, name: str) -> _Grown:
-        return self._staging.setdefault((graph, name), _Grown(self.memory))
+    def _buffer(self, graph: str, name: str) -> GrownBuffer:
+        return self._staging.setdefault((graph, name), GrownBuffer(self.memory))
 
     def device_decoder(self, capacity: int) -> DeviceDecoder:
         self.open("decoder")

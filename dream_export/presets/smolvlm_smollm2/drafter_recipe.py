@@ -138,7 +138,7 @@ def _datasets(out: Path, RECIPE: dict):  # noqa: N803 (the recipe's constants)
 
     from ...drafter.model import DrafterConfig
     from ...export.exporter import load_target
-    from ...train.cli import _weights_digest
+    from ...train.cli import weights_digest
     from ...train.data import Sample, load_samples
     from ...train.features import build_cache, load_examples
     from . import ensure_smolvlm_smollm2
@@ -149,7 +149,7 @@ def _datasets(out: Path, RECIPE: dict):  # noqa: N803 (the recipe's constants)
     order = np.random.default_rng(RECIPE["seed"]).permutation(len(samples))  # text and scenes in both splits
     samples = [samples[i] for i in order]
     probe = DrafterConfig.for_target(model.config.text_config)
-    digest = _weights_digest(source)
+    digest = weights_digest(source)
     fingerprint = {"model": source, "data": f"instructions:train+scenes:{RECIPE['scenes']}", "seed": RECIPE["seed"],
                    "weights": digest}
     shards = build_cache(model, processor, samples, out / "features", probe.mid_layer_candidates,
