@@ -11,6 +11,8 @@ from dream_export.errors import DreamExportError
 from dream_export.presets.smolvlm_smollm2.drafter_recipe import instructions
 from dream_export.presets.smolvlm_smollm2.requests import llama_cpp_answers, template_requests
 
+pytestmark = pytest.mark.slow  # llama.cpp answers on real weights: the full suite runs it, the fast lane does not
+
 
 def test_template_requests_are_seeded_varied_and_never_held_out():
     a, b, c = template_requests(0), template_requests(0), template_requests(1)

@@ -9,6 +9,8 @@ from runtime.sampling import SamplingConfig, probabilities
 from runtime.speculative import SpeculativeDecoder
 from runtime.tree import TreeSpec
 
+pytestmark = pytest.mark.slow  # sampling statistics over many draws: the full suite runs it, the fast lane does not
+
 
 @pytest.fixture(scope="module")
 def tiny_vocab_bundle(tmp_path_factory):

@@ -13,6 +13,8 @@ import pytest
 
 from dream_export.scenes import scene_examples
 
+pytestmark = pytest.mark.slow  # real weights: the full suite runs it, the fast lane does not
+
 EVAL_SEED = 10_000_000
 TEXT_PROMPTS = [
     "What is the capital of France?",
