@@ -144,10 +144,16 @@ class GraphBuilder:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._init_names: set[str] = set()
+        self._quantized: dict[str, list[str]] = {}
         self.n = 0
 
     def init(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        """An initializer, made once per name (a graph that reuses a weight, such as the unrolled passes of a draft
+        tree, names it again and gets the same one)."""
+        if name not in self._init_names:
+            self._init_names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", name: str | None = None,
@@ -158,16 +164,22 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
 
-    def linear(self, x: str, w: np.ndarray, name: str, bits: int | None, symmetric: bool, out: str | None = None) -> str:
+    def linear(self, x: str, w: np.ndarray, name: str, bits: int | None, symmetric: bool, out: str | None = None,
+               node: str | None = None) -> str:
+        """``x @ w`` (``w [in, out]``): MatMul at fp32, else MatMulNBits with int8 compute. The weight's initializers
+        are named after ``name`` and made (and quantized) once, so calls with the same ``name`` share them; ``node``
+        names the node (default ``name``: pass another for each further call)."""
         outs = [out] if out else 1
         if bits is None:
-            return self.op("MatMul", [x, self.init(f"{name}.weight", w)], outs, name=name)[0]
-        packed, scales, zp = quantize_blocks(w, bits, symmetric)
-        ins = [x, self.init(f"{name}.weight_Q{bits}", packed), self.init(f"{name}.weight_scales", scales)]
-        if zp is not None:
-            ins.append(self.init(f"{name}.weight_zero_points", zp))
-        return self.op("MatMulNBits", ins, outs, MS, name, K=int(w.shape[0]), N=int(w.shape[1]), bits=bits,
-                       block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)[0]
+            return self.op("MatMul", [x, self.init(f"{name}.weight", w)], outs, name=node or name)[0]
+        if name not in self._quantized:
+            packed, scales, zp = quantize_blocks(w, bits, symmetric)
+            ins = [self.init(f"{name}.weight_Q{bits}", packed), self.init(f"{name}.weight_scales", scales)]
+            if zp is not None:
+                ins.append(self.init(f"{name}.weight_zero_points", zp))
+            self._quantized[name] = ins
+        return self.op("MatMulNBits", [x, *self._quantized[name]], outs, MS, node or name, K=int(w.shape[0]),
+                       N=int(w.shape[1]), bits=bits, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)[0]
 
     def save(self, path, spec: GraphSpec, graph_name: str) -> None:
         """Write the graph with ``spec``'s inputs and outputs; weights in one external file beside it."""

@@ -108,7 +108,6 @@ class _Writer:
         self.last = self.i64("cm1", [-1])
         self.axis1, self.axis2 = self.i64("ax1", [1]), self.i64("ax2", [2])
         self.seq_axis = self.i64("ax_seq", [2])
-        self._linears: dict[str, str] = {}
 
     def i64(self, name: str, values) -> str:
         """An int64 constant, made once per name."""
@@ -121,31 +120,11 @@ class _Writer:
 
     # --- pieces ---------------------------------------------------------------------------------------
     def linear(self, x: str, key: str, w: np.ndarray) -> str:
-        """The same weights each pass: quantized once, shared by every pass's node."""
-        b, bits = self.b, self.bits
-        if key not in self._linears:
-            if bits is None:
-                self._linears[key] = [b.init(f"{key}.weight", w)]
-            else:
-                from .cpu_decoder import quantize_blocks
-
-                packed, scales, zp = quantize_blocks(w, bits, bits == 8)
-                ins = [b.init(f"{key}.weight_Q{bits}", packed), b.init(f"{key}.weight_scales", scales)]
-                if zp is not None:
-                    ins.append(b.init(f"{key}.weight_zero_points", zp))
-                self._linears[key] = ins
-        ins = self._linears[key]
-        if bits is None:
-            return b.op("MatMul", [x, *ins])[0]
-        from .cpu_decoder import ACCURACY_LEVEL, BLOCK
-
-        return b.op("MatMulNBits", [x, *ins], 1, MS, K=int(w.shape[0]), N=int(w.shape[1]), bits=bits, block_size=BLOCK,
-                    accuracy_level=ACCURACY_LEVEL)[0]
+        """The same weights in every pass: quantized once, shared by each pass's node."""
+        return self.b.linear(x, w, key, self.bits, self.bits == 8, node=f"{key}_{self.b.n}")
 
     def weight(self, key: str, arr: np.ndarray) -> str:
-        if key not in self._linears:
-            self._linears[key] = [self.b.init(key, arr)]
-        return self._linears[key][0]
+        return self.b.init(key, arr)
 
     def skip_norm(self, residual: str, x: str, key: str, weight: np.ndarray, out: str | None = None) -> tuple[str, str]:
         """(norm(residual + x), residual + x)."""
