@@ -40,7 +40,7 @@ def build_bundle(name: str, work: Path, tree) -> Path:
     model, processor = load_target(str(mdir))
     shipped = shipped_drafter(mdir) if SHAPES[name] is None else None
     if shipped:
-        ddir = shipped[0]
+        ddir = shipped
     else:
         torch.manual_seed(0)
         drafter = build_drafter(DrafterConfig.for_target(model.config.text_config), model.lm_head.weight)

@@ -32,7 +32,7 @@ SHAPES = {
 
 def model_dir(name: str, work: Path) -> Path:
     from dream_export.presets.smolvlm_tiny import ensure_smolvlm_tiny
-    from dream_export.presets.tiny import TinyVLMSpec, build_tiny_vlm
+    from dream_export.presets.smolvlm_tiny.architecture import TinyVLMSpec, build_tiny_vlm
 
     if SHAPES[name] is None:
         return ensure_smolvlm_tiny()

@@ -107,7 +107,7 @@ def environment():
 
 def memory_or_reason():
     try:
-        from runtime.backends.device import CudaMemory, cudart_module, cuda_check
+        from runtime.backends.memory import CudaMemory, cudart_module, cuda_check
 
         cudart = cudart_module()
     except ImportError as exc:
@@ -122,7 +122,7 @@ def cuda_calls():
     mem, why = memory_or_reason()
     if mem is None:
         return why
-    from runtime.backends.device import cuda_check
+    from runtime.backends.memory import cuda_check
 
     cudart = mem.cudart
     a = np.arange(1 << 16, dtype=np.float32)
@@ -167,7 +167,7 @@ def device_decoder():
     if mem is None:
         return why
     from runtime.backends.device import DecoderPool, DeviceDecoder
-    from runtime.backends.trt_plan import Plan
+    from runtime.backends.engine_plan import Plan
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, backend="ort-cpu", fused=False, warm=False)

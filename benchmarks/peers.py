@@ -35,12 +35,12 @@ import numpy as np
 
 
 def prompts(text: int, images: int, tmp: Path):
-    from dream_export.presets.smolvlm_smollm2.drafter_recipe import instructions
-    from dream_export.scenes import scene_examples
+    from dream_export.presets.smolvlm_smollm2.requests import instructions
+    from dream_export.scenes import EVAL_SEED, scene_examples
 
     text_items = [([], p) for p in instructions("heldout")[:text]]
     image_items = []
-    for i, (scene, qa) in enumerate(list(scene_examples(10_000_000 + 77, images))[::7][:images]):
+    for i, (scene, qa) in enumerate(list(scene_examples(EVAL_SEED + 77, images))[::7][:images]):
         path = tmp / f"scene{i}.png"
         scene.render().save(path)
         image_items.append(([str(path)], qa.prompt))

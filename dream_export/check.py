@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-CHECK_SEED = 30_000_000  # scene seeds never used in training (training < 10M, dream-eval 10M)
+from .scenes import CHECK_SEED, random_scene
+
 PROMPTS = ["Describe the image.", "How many shapes are there?", "What color is the circle?", "Is there a red square?"]
 
 
@@ -87,8 +88,6 @@ def timed_graphs(pipe, times: dict):
 
 
 def examples(count: int, seed: int):
-    from .scenes import random_scene
-
     rng = np.random.default_rng(seed)
     return [(np.array(random_scene(rng).render().convert("RGB")), PROMPTS[i % len(PROMPTS)]) for i in range(count)]
 

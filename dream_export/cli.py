@@ -81,95 +81,110 @@ def tune_samples(data: str, count: int, tmp: Path) -> list:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import DreamExportError
+    from .errors import DreamExportError  # the export side loads torch and transformers: --help answers without them
 
     try:
-        from runtime.store import bundles_dir
-
-        from .drafter.config import drafter_folder
-        from .export.exporter import ExportOptions, export_bundle, load_target
-        from .registry import resolve_model
-
-        source, name = resolve_model(args.model)
-        out = args.out or bundles_dir() / name
-        if out.exists() and not args.force:  # fail before the (slow) model load
-            raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
-        if args.no_drafter and args.drafter is not None:
-            raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
-        drafter, tree, runtime_cfg, max_chains = drafter_folder(args.drafter), args.tree, None, args.max_chains
-        if drafter is not None and not any((drafter / f).is_file() for f in ("drafter_config.json", "config.json")):
-            raise DreamExportError(f"--drafter {args.drafter}: no drafter_config.json (dream-train output, or its --out "
-                                   f"folder holding drafter/) or config.json (a released DREAM checkpoint)")
-        if drafter is None and not args.no_drafter:
-            from runtime.tree import TreeSpec
-
-            from .presets import shipped_drafter
-            from .presets.shipped import defaults_for
-
-            shipped = shipped_drafter(source)
-            if shipped is not None:
-                drafter = shipped[0]
-                shipped_tree, shipped_runtime, shipped_chains = defaults_for(drafter, args.cpu_precision)
-                tree = tree or (TreeSpec.from_json(shipped_tree) if shipped_tree else None)
-                if not args.tree:  # measured for the shipped tree only
-                    runtime_cfg, max_chains = shipped_runtime, max_chains or shipped_chains
-        model, processor = load_target(source)
-        info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
-        int8 = args.precision == "int8"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if int8 and out.exists() and not args.force:
-            raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
-        import tempfile
-
-        # the drafter's ORT-CPU graph: as asked, else (None) as the CPU target's weights (int8/int4), else float only
-        draft_q = args.draft_precision if args.draft_precision in ("int8", "int4") else (
-            None if args.draft_precision is None else "fp32")
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as fp32_tmp:
-            target = Path(fp32_tmp) / "bundle" if int8 else out
-            export_bundle(model, processor, info, ExportOptions(out=target, force=args.force, seed=args.seed, drafter=drafter,
-                                                                tree=tree, keep_visual=args.keep_visual,
-                                                                draft_precision=draft_q,
-                                                                draft_float=(args.draft_precision if args.draft_precision in ("fp32", "fp16")
-                                                                             else "fp16" if int8 else None),
-                                                                runtime=runtime_cfg,
-                                                                cpu_precision=args.cpu_precision,
-                                                                head_bits=args.head_bits, max_chains=max_chains or 2,
-                                                                gpu_graphs=args.gpu_graphs,
-                                                                precision="fp32" if int8 else args.precision),
-                          quiet=args.quiet)
-            if int8:  # INT8 graphs are calibrated by running the FP32 bundle on real prompts
-                from calibration.int8 import CalibrationError, calibrate_bundle
-
-                try:
-                    calibrate_bundle(target, out, args.calib_data, args.calib_samples, force=args.force)
-                except CalibrationError as exc:
-                    raise DreamExportError(str(exc)) from exc
-                print(f"dream-export: INT8 graphs calibrated on {args.calib_data}: {out}", file=sys.stderr)
-        if args.tune:
-            if drafter is None:
-                raise DreamExportError("--tune needs --drafter: it picks the draft tree")
-            from .tuning import tune_bundle
-
-            from .export.exporter import set_draft_tree
-
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix=".tune-", dir=out.parent) as tmp:
-                samples = tune_samples(args.tune_data, args.tune_samples, Path(tmp)) if args.tune_data else None
-                chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree),
-                                     samples=samples)
-            import json
-
-            tuning = json.loads((out / "manifest.json").read_text())["tuning"]
-            print(f"dream-export: tuned tree N,D,K = {chosen['total_tokens']},{chosen['depth']},{chosen['top_k']}, "
-                  f"{tuning['threads']} ORT thread(s); measured decode speedup {tuning['measured_speedup']:.2f}x", file=sys.stderr)
-            if not tuning["speculation_pays"]:
-                print("dream-export: warning: on this machine speculative decoding measured slower than plain decoding; "
-                      "the bundle keeps the drafter (dream-run --no-speculative decodes without it)", file=sys.stderr)
+        export(args)
     except DreamExportError as exc:
         print(f"dream-export: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def export(args) -> None:
+    """The command: resolve the model and its drafter, export (and calibrate), then tune if asked."""
+    from runtime.store import bundles_dir
+
+    from .errors import DreamExportError
+    from .export.exporter import load_target
+    from .registry import resolve_model
+
+    source, name = resolve_model(args.model)
+    out = args.out or bundles_dir() / name
+    if out.exists() and not args.force:  # fail before the (slow) model load
+        raise DreamExportError(f"{out}: output folder exists; pass --force to replace it")
+    drafter, tree, runtime_cfg, max_chains = choose_drafter(args, source)
+    model, processor = load_target(source)
+    info = {"model": args.model, "resolved": source, "revision": getattr(model.config, "_commit_hash", None)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bundle(args, model, processor, info, out, drafter, tree, runtime_cfg, max_chains)
+    if args.tune:
+        tune(args, out, model, processor, drafter)
+
+
+def choose_drafter(args, source):
+    """(drafter folder, tree, runtime defaults, most chains per verify): as asked, else what a built-in model ships
+    with for the asked CPU precision."""
+    from .drafter.config import drafter_folder
+    from .errors import DreamExportError
+    from .presets import shipped_defaults
+
+    if args.no_drafter and args.drafter is not None:
+        raise DreamExportError("--drafter and --no-drafter contradict each other; pass one")
+    drafter, tree, runtime_cfg, max_chains = drafter_folder(args.drafter), args.tree, None, args.max_chains
+    if drafter is not None and not any((drafter / f).is_file() for f in ("drafter_config.json", "config.json")):
+        raise DreamExportError(f"--drafter {args.drafter}: no drafter_config.json (dream-train output, or its --out "
+                               f"folder holding drafter/) or config.json (a released DREAM checkpoint)")
+    if drafter is None and not args.no_drafter:
+        shipped = shipped_defaults(source, args.cpu_precision)
+        if shipped is not None:
+            drafter, tree = shipped.folder, tree or shipped.tree
+            if not args.tree:  # measured for the shipped tree only
+                runtime_cfg, max_chains = shipped.runtime, max_chains or shipped.max_chains
+    return drafter, tree, runtime_cfg, max_chains
+
+
+def write_bundle(args, model, processor, info, out: Path, drafter, tree, runtime_cfg, max_chains) -> None:
+    """Export the bundle; for --precision int8, export FP32 into a temp folder and calibrate it into ``out``."""
+    import tempfile
+
+    from .errors import DreamExportError
+    from .export.exporter import ExportOptions, export_bundle
+
+    int8 = args.precision == "int8"
+    # the drafter's ORT-CPU graph: as asked, else (None) as the CPU target's weights (int8/int4), else float only
+    draft_q = args.draft_precision if args.draft_precision in ("int8", "int4") else (
+        None if args.draft_precision is None else "fp32")
+    draft_float = args.draft_precision if args.draft_precision in ("fp32", "fp16") else "fp16" if int8 else None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as fp32_tmp:
+        target = Path(fp32_tmp) / "bundle" if int8 else out
+        opts = ExportOptions(out=target, force=args.force, seed=args.seed, drafter=drafter, tree=tree,
+                             keep_visual=args.keep_visual, draft_precision=draft_q, draft_float=draft_float,
+                             runtime=runtime_cfg, cpu_precision=args.cpu_precision, head_bits=args.head_bits,
+                             max_chains=max_chains or 2, gpu_graphs=args.gpu_graphs,
+                             precision="fp32" if int8 else args.precision)
+        export_bundle(model, processor, info, opts, quiet=args.quiet)
+        if int8:  # INT8 graphs are calibrated by running the FP32 bundle on real prompts
+            from calibration.int8 import CalibrationError, calibrate_bundle
+
+            try:
+                calibrate_bundle(target, out, args.calib_data, args.calib_samples, force=args.force)
+            except CalibrationError as exc:
+                raise DreamExportError(str(exc)) from exc
+            print(f"dream-export: INT8 graphs calibrated on {args.calib_data}: {out}", file=sys.stderr)
+
+
+def tune(args, out: Path, model, processor, drafter) -> None:
+    """--tune: measure trees on this machine and write the fastest to the bundle."""
+    import json
+    import tempfile
+
+    from .errors import DreamExportError
+    from .export.exporter import set_draft_tree
+    from .tuning import tune_bundle
+
+    if drafter is None:
+        raise DreamExportError("--tune needs --drafter: it picks the draft tree")
+    with tempfile.TemporaryDirectory(prefix=".tune-", dir=out.parent) as tmp:
+        samples = tune_samples(args.tune_data, args.tune_samples, Path(tmp)) if args.tune_data else None
+        chosen = tune_bundle(out, set_tree=lambda tree: set_draft_tree(out, model, processor, drafter, tree),
+                             samples=samples)
+    tuning = json.loads((out / "manifest.json").read_text())["tuning"]
+    print(f"dream-export: tuned tree N,D,K = {chosen['total_tokens']},{chosen['depth']},{chosen['top_k']}, "
+          f"{tuning['threads']} ORT thread(s); measured decode speedup {tuning['measured_speedup']:.2f}x", file=sys.stderr)
+    if not tuning["speculation_pays"]:
+        print("dream-export: warning: on this machine speculative decoding measured slower than plain decoding; "
+              "the bundle keeps the drafter (dream-run --no-speculative decodes without it)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     dream-eval --bundle DIR [--scenes 200] [--seed 10000000] [--json] [--no-speculative]
 
-Scenes come from seeds never used in training (training uses seeds below 10,000,000). Answers are
+Scenes come from seeds never used in training (``scenes.EVAL_SEED`` on; training uses seeds below 9,000,000). Answers are
 produced by the torch-free runtime (greedy), exactly as dream-run produces them.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-EVAL_SEED = 10_000_000
+from .scenes import EVAL_SEED, QUESTION_TYPES, grade, scene_examples
 
 
 # the held-out accuracy each built-in model's bundle must reach per question type (the report's "bar": need / got /
@@ -31,8 +31,6 @@ def evaluate_bundle(bundle, scenes: int = 200, seed: int = EVAL_SEED, speculativ
                     max_new_tokens: int = 64, progress: bool = True, formats: tuple[str, ...] = ("png", "jpg")) -> dict:
     """Scenes are saved in turn in each of ``formats`` (PNG, JPEG quality 90) and read back from the file."""
     from runtime.pipeline import Pipeline
-
-    from .scenes import QUESTION_TYPES, grade, scene_examples
 
     pipe = Pipeline.from_bundle(bundle)
     hits = {t: [] for t in QUESTION_TYPES}

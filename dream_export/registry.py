@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+from .presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
+from .presets.smolvlm_tiny import ensure_smolvlm_tiny
 
 # alias -> hub id. ``smolvlm-tiny`` is the built-in offline model (no hub id).
 ALIASES = {
@@ -32,13 +34,7 @@ ALIASES = {
 
 
 def _builtin(name: str) -> Path:
-    if name == "smolvlm-tiny":
-        from .presets.smolvlm_tiny import ensure_smolvlm_tiny
-
-        return ensure_smolvlm_tiny()
-    from .presets.smolvlm_smollm2 import ensure_smolvlm_smollm2
-
-    return ensure_smolvlm_smollm2()
+    return ensure_smolvlm_tiny() if name == "smolvlm-tiny" else ensure_smolvlm_smollm2()
 
 
 def resolve_model(name: str) -> tuple[str, str]:

@@ -17,6 +17,15 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 220, 0)}
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
+NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # what a pixel can hold: 0 = background, then one class per colour x shape
+
+# Scene seeds (``np.random.default_rng(seed)`` draws the scenes), one range per use, so that nothing held out, evaluated
+# or calibrated on is ever trained on:
+#   [0, HELDOUT_SEED)   training: each recipe's own TRAIN_SEED, the drafter recipes' ``scenes:N`` data (seed 0)
+HELDOUT_SEED = 9_000_000         # the recipes' held-out scenes: a training stage ends on their accuracy
+EVAL_SEED = 10_000_000           # dream-eval and the tests' accuracy checks
+CHECK_SEED = 30_000_000          # dream-check and dream-bench
+CALIB_SEED = 40_000_000          # INT8 calibration prompts
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,49 @@ def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[QA]:
 
 
 QUESTION_TYPES = ("caption", "count", "color_count", "color", "shape", "yesno", "where")
+
+
+def class_index(color: str, kind: str) -> int:
+    """The class of a ``color`` ``kind`` shape (1..NUM_CLASSES-1; 0 is the background)."""
+    return 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(kind)
+
+
+def label_map(scene: Scene) -> np.ndarray:
+    """[H,W] uint8 class map drawn with the renderer's geometry (no anti-aliasing)."""
+    img = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        r, v = s.size / 2, class_index(s.color, s.kind)
+        box = [s.cx - r, s.cy - r, s.cx + r, s.cy + r]
+        if s.kind == "circle":
+            draw.ellipse(box, fill=v)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=v)
+        else:
+            draw.polygon([(s.cx, s.cy - r), (s.cx - r, s.cy + r), (s.cx + r, s.cy + r)], fill=v)
+    return np.array(img)
+
+
+def cell_labels(frame: np.ndarray, grid: int, min_frac: float = 0.1) -> np.ndarray:
+    """[grid*grid] labels: the majority non-empty class of each cell when it covers >= min_frac of it."""
+    h = frame.shape[0] // grid
+    out = np.zeros(grid * grid, dtype=np.int64)
+    for r in range(grid):
+        for c in range(grid):
+            cell = frame[r * h:(r + 1) * h, c * h:(c + 1) * h].ravel()
+            counts = np.bincount(cell, minlength=NUM_CLASSES)
+            counts[0] = 0
+            if counts.max() >= min_frac * cell.size:
+                out[r * grid + c] = int(counts.argmax())
+    return out
+
+
+def class_counts(scene: Scene) -> np.ndarray:
+    """[NUM_CLASSES-1] how many shapes of each class the scene holds."""
+    counts = np.zeros(NUM_CLASSES - 1, dtype=np.int64)
+    for s in scene.shapes:
+        counts[class_index(s.color, s.kind) - 1] += 1
+    return counts
 
 
 def scene_examples(seed: int, count: int):

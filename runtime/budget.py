@@ -6,7 +6,7 @@ What is counted, and how:
   precision, from the manifest's ``weights_bytes`` (an engine holds its weights once; FP32 islands count 4 bytes);
 - **embeddings**: the token-embedding table the runtime keeps in host memory (on a Jetson, host and GPU share
   the same DRAM, so it counts);
-- **kv**: the target's K/V buffers, preallocated to the context + one verified tree (``trt_plan.kv_buffers``),
+- **kv**: the target's K/V buffers, preallocated to the context + one verified tree (``engine_plan.Plan.kv_buffers``),
   at the dtype of the decoder's K/V inputs; plus the drafter's caches;
 - **activations**: an estimate for the largest call, a prompt prefill of ``prefill`` tokens: logits, hidden and
   MLP rows, and the eager attention's score matrices (what the engine's device memory holds at its peak);
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1}
+from .bundle import DTYPE_BYTES
+
 GIB = 1 << 30
 MIB = 1 << 20
 RUNTIME_ALLOWANCE = 1.0 * GIB  # assumed: CUDA context + TensorRT + cuBLAS/cuDNN libraries + Python + tokenizer

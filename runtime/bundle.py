@@ -7,11 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import BundleError
 
 FORMAT = "dream-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# bytes per element of each dtype name a manifest uses
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -89,8 +93,6 @@ class Bundle:
     def array(self, entry: dict):
         """A read-only array the manifest describes: ``{"file", "offset", "shape", "dtype"}`` (a slice of a weight
         file, memory-mapped) or ``{"file"}`` of a .npy file (loaded without pickle)."""
-        import numpy as np
-
         path = self.file(entry["file"])
         if "offset" not in entry:
             return np.load(path, mmap_mode="r", allow_pickle=False)

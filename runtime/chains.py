@@ -51,6 +51,7 @@ def chains_of(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 class ChainDecoder(DecoderRunner):
     tree_native = True  # verify calls pass the tree (``run_tree``), not a mask
+    reads_mask = False  # the graph is causal: its calls take no mask
 
     def __init__(self, sessions: dict, graph: dict, text: dict, capacity: int, cos: np.ndarray, sin: np.ndarray):
         """``sessions``: {most chains per call: its graph's session} (a call uses the smallest that fits);
@@ -100,7 +101,7 @@ class ChainDecoder(DecoderRunner):
         key = (size, used)
         io = self._bindings.get(key)
         if io is None:
-            import onnxruntime as ort
+            import onnxruntime as ort  # at first use: importing the runtime loads no heavy library
 
             io = self.sessions[size].io_binding()
             for i in range(self.layers):

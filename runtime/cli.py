@@ -7,6 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from .bundle import find_latest_bundle
+from .errors import RuntimeErrorBase
+from .ort_threads import use_global_pool
+from .pipeline import Pipeline
+from .sampling import SamplingConfig
+from .store import store_root
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dream-run", description="Answer a prompt, about image(s), a video or text only, with an exported bundle.")
@@ -47,15 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .bundle import find_latest_bundle
-    from .errors import RuntimeErrorBase
-    from .store import store_root
-
     *images, prompt = args.inputs
     try:
-        from .pipeline import Pipeline
-        from .sampling import SamplingConfig
-
         SamplingConfig(args.temperature, args.top_p, args.seed)  # validate before loading anything
         bundle = args.bundle
         if bundle is None:
@@ -90,8 +90,6 @@ def main(argv=None) -> int:
 
 def console() -> int:
     """The console command: this process owns all its ONNX Runtime sessions, so they share one thread pool."""
-    from .ort_threads import use_global_pool
-
     use_global_pool()
     return main()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import rope
 from .errors import InputError
 
 
@@ -26,7 +27,7 @@ class Context:
         self._chunks: list[tuple[int, np.ndarray]] = []  # (start, that prefill's contribution to ``received``)
         self.image_embeds: np.ndarray | None = None  # [n_image_tokens, H]: what the image tokens stand for, in order
         self.image_grids: list | None = None  # (rows, cols) token grid per image: M-RoPE positions (runtime/rope.py)
-        self.drafter = None        # speculative.DrafterState, created by the first speculative call
+        self.drafter = None        # drafter.DrafterState, created by the first speculative call
         self.drafter_upto = 0      # the drafter's caches are valid for positions < drafter_upto
 
     def set_images(self, embeds: np.ndarray | None, images: list) -> None:
@@ -87,9 +88,7 @@ class Context:
         c = self.pipe.image_block_start(ids, c)  # an image block that sees itself whole is computed whole
         self.truncate(c)
         if self.pipe.rope_axes == 3:  # M-RoPE: the prompt's 3-axis positions, from its image grids
-            from .rope import mrope_table
-
-            self.dec.rope = mrope_table(ids, self.pipe.image_token_id, self.image_grids)
+            self.dec.rope = rope.mrope_table(ids, self.pipe.image_token_id, self.image_grids)
         embeds = prompt_embeds[:, c:] if prompt_embeds is not None else self.embeds_for(ids, c)[None]
         out = self.pipe.step(self.dec, embeds, ids[c:], logits="last")
         self.ids[c:n] = ids[c:]

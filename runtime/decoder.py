@@ -15,17 +15,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chains import ChainDecoder
+from .chains import ChainDecoder, chains_of
+from .errors import BundleError
 from .kv import KVCache
 from .runner import DecoderRunner
+from .tree import causal_mask
 
 
 class PlainDecoder(DecoderRunner):
-    def __init__(self, backend, graph: dict, text: dict, capacity: int):
+    """``row_consistent`` (ONNX Runtime on a CPU): every position is computed with the same arithmetic in a plain
+    step and in a tree verify, so greedy speculative decoding equals plain decoding bit for bit at any precision
+    (an INT8 graph included, where a 1-ulp difference flips an activation's rounding and grows). Two rules make
+    it so, both measured on ONNX Runtime's CPU kernels (tests/test_generation.py, tests/test_calibration.py):
+    - MLAS's float GEMM takes its own kernel for a 1-row product and computes each row of a 2-or-more-row
+      product independently of the others, so a 1-row call is padded to 2 rows (the pad row repeats the row;
+      its outputs are dropped);
+    - softmax and the attention-weighted sum give a row the same bits when its unmasked columns (context, then
+      its ancestors) are the same and contiguous, whatever masked columns follow, but not when masked columns
+      sit between them: so a branched tree is verified one root-to-leaf chain per call.
+    Elsewhere (GPU backends) a tree is verified in one call: GPU kernels promise no such row independence."""
+
+    def __init__(self, backend, graph: dict, text: dict, capacity: int, row_consistent: bool = False):
         self.backend = backend
         self.names = graph["kv"]
         self.cache = KVCache(text["num_layers"], text["kv_heads"], text["head_dim"], capacity, self.names.get("layout", "bhsd"))
         self.capacity = capacity
+        self.tree_native = row_consistent
+        self.mask_min = float(graph.get("mask_min", -1e4))
         self._pending = None
 
     @property
@@ -33,15 +49,67 @@ class PlainDecoder(DecoderRunner):
         return self.cache.length
 
     def run(self, embeds, mask, positions, logits="all"):
+        q = embeds.shape[1]
+        if mask is None:  # a causal run: one chain of a tree
+            mask = causal_mask(q, self.length, self.mask_min)
+        if self.tree_native and q == 1:  # padded to 2 rows: see the class docstring
+            # the pad row repeats the row, its position and what it sees (not the pad column), so it attends
+            # exactly as the row does and the mean attention each position receives is the row's
+            embeds = np.concatenate([embeds, embeds], axis=1)
+            row = np.concatenate([mask[:, :, :1], np.full(mask.shape[:2] + (1, 1), self.mask_min, mask.dtype)], -1)
+            mask = np.concatenate([row, row], axis=2)
+            positions = np.repeat(np.asarray(positions), 2, axis=-1)
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": self.position_feed(positions)}
         for i, (kn, vn) in enumerate(zip(self.names["past_key"], self.names["past_value"])):
             feeds[kn], feeds[vn] = self.cache.past(i)
         out = self.backend.run("decoder", feeds)
-        self._pending = ([out[n] for n in self.names["present_key"]], [out[n] for n in self.names["present_value"]])
+        self._pending = ([out[n] for n in self.names["present_key"]], [out[n] for n in self.names["present_value"]], q)
+        if embeds.shape[1] != q:
+            out = {name: self._first_rows(name, a, q) for name, a in out.items()}
         return out
 
+    def _first_rows(self, name: str, a: np.ndarray, q: int) -> np.ndarray:
+        """Output ``name`` of a padded call without the pad row."""
+        if name in self.names["present_key"] or name in self.names["present_value"]:
+            axis = self.cache.keys[0].axis if self.cache.keys else 1
+            return np.take(a, np.arange(q), axis=axis)
+        if name == "attention_received":  # [1, P + Q]: the pad's column (it received nothing) goes
+            return a[:, : self.length + q]
+        return a[:, :q]  # logits, hidden states: [1, Q, ...]
+
+    def run_tree(self, embeds: np.ndarray, parents: np.ndarray) -> dict:
+        """A verify over the tree's N nodes (parents before children), one causal call per root-to-leaf chain over
+        the committed context; each node's outputs come from the first chain that holds it."""
+        rows, _, depth = chains_of(parents)
+        n, p = embeds.shape[1], self.length
+        logits = hidden = None
+        done = np.zeros(n, bool)
+        chain_of = np.zeros(n, np.int64)
+        pending = []
+        for c, chain in enumerate(rows):
+            nodes = chain[: int(depth[chain[-1]]) + 1]  # a chain shorter than the widest repeats its leaf
+            out = self.run(embeds[:, nodes], None, p + np.arange(len(nodes)))
+            pending.append(self._pending)
+            if logits is None:
+                logits = np.empty((1, n, out["logits"].shape[-1]), np.float32)
+                hidden = np.empty((1, n, out["hidden_states"].shape[-1]), np.float32)
+            new = ~done[nodes]
+            logits[0, nodes[new]] = out["logits"][0, new]
+            hidden[0, nodes[new]] = out["hidden_states"][0, new]
+            chain_of[nodes[new]] = c
+            done[nodes] = True
+        self._pending = ("tree", pending, chain_of)
+        return {"logits": logits, "hidden_states": hidden}
+
     def commit(self, rows=None):
-        keys, values = self._pending
+        if self._pending[0] == "tree":  # the accepted path: the rows of the chain that holds its last node
+            _, pending, chain_of = self._pending
+            keys, values, _ = pending[int(chain_of[int(rows[-1])])]
+            rows = np.arange(len(rows))
+        else:
+            keys, values, q = self._pending
+            if rows is None:
+                rows = np.arange(q)
         self.cache.append(keys, values, rows)
         self._pending = None
 
@@ -53,7 +121,7 @@ class FusedOrtDecoder(DecoderRunner):
     GRAPH = "decoder_ort_cpu"
 
     def __init__(self, backend, graph: dict, text: dict, capacity: int):
-        import onnxruntime as ort
+        import onnxruntime as ort  # at first use: importing the runtime loads no heavy library
 
         self.names = graph["kv"]
         self.session = backend.session(self.GRAPH)
@@ -142,18 +210,14 @@ def _make_decoder(backend, bundle, capacity: int, fused) -> DecoderRunner:
         return ChainDecoder({c: backend.session(name) for c, name in written.items()}, graphs[written[max(written)]], text, capacity,
                             np.asarray(bundle.array(tables["cos"])), np.asarray(bundle.array(tables["sin"])))
     if "decoder" not in graphs:
-        from .errors import BundleError
-
         raise BundleError(f"{bundle.path}: a CPU-only bundle (no decoder graph for other backends); its written ORT-CPU "
                           f"decoder runs only on ONNX Runtime's CPU provider (--backend ort-cpu), not on {backend.name}")
     can_fuse = FusedOrtDecoder.GRAPH in graphs and backend.ort_cpu
     if fused is None:
         fused = can_fuse
     if fused and not can_fuse:
-        from .errors import BundleError
-
         raise BundleError("the fused ORT-CPU decoder was asked for, but the bundle has no decoder_ort_cpu graph "
                           "or the backend is not ONNX Runtime on the CPU")
     if fused:
         return FusedOrtDecoder(backend, graphs[FusedOrtDecoder.GRAPH], text, capacity)
-    return PlainDecoder(backend, graphs["decoder"], text, capacity)
+    return PlainDecoder(backend, graphs["decoder"], text, capacity, row_consistent=bool(backend.ort_cpu))

@@ -8,6 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+from .backends.engine_plan import Plan, profile_shapes
+from .backends.select import resolve_backend
+from .budget import max_context, memory_budget
+from .bundle import Bundle
+from .errors import RuntimeErrorBase
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -34,10 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def profiles_text(bundle_path: Path, as_json: bool) -> str:
-    """The bundle's TensorRT optimization profiles, from its manifest alone (``trt_plan.Plan``)."""
-    from .backends.trt_plan import Plan, profile_shapes
-    from .bundle import Bundle
-
+    """The bundle's TensorRT optimization profiles, from its manifest alone (``engine_plan.Plan``)."""
     plan = Plan.from_manifest(Bundle.load(bundle_path).manifest)
     table = {g: profile_shapes(plan, g) for g in plan.profiles}
     if as_json:
@@ -53,9 +56,6 @@ def profiles_text(bundle_path: Path, as_json: bool) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .backends.select import resolve_backend
-    from .errors import RuntimeErrorBase
-
     try:
         if args.workspace_gb is not None and args.workspace_gb <= 0:
             raise ValueError(f"--workspace-gb {args.workspace_gb}: expected a positive number of GiB")
@@ -67,16 +67,13 @@ def main(argv=None) -> int:
             print(profiles_text(args.bundle, args.json))
             return 0
         if args.budget:
-            from .budget import max_context, memory_budget
-            from .bundle import Bundle
-
             manifest = Bundle.load(args.bundle).manifest
             report = memory_budget(manifest, args.context, device=args.device_model)
             report["longest_context_that_fits"] = max_context(manifest, args.device_model)
             print(json.dumps(report, indent=1))
             return 0
         resolve_backend("trt")  # one line naming what is missing, before anything is written
-        from .backends.trt import build_engines
+        from .backends.trt import build_engines  # the TensorRT layer: imported only when engines are built
 
         report = build_engines(args.bundle, device_id=args.device, workspace_gb=args.workspace_gb, graphs=args.graph,
                                force=args.force)

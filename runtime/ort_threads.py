@@ -39,7 +39,7 @@ def mode() -> str:
 
 def session_options(threads: int | None = None):
     """SessionOptions for a session of this process (see the module docstring)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # at first use: importing the runtime loads no heavy library
 
     global _pool_threads
     opts = ort.SessionOptions()

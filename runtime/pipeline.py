@@ -1,7 +1,9 @@
-"""``Pipeline``: the public API. Bundle -> preprocessing -> prefill -> decode loop, torch-free."""
+"""``Pipeline``: the public API. Bundle -> preprocessing -> prefill -> decode loop, torch-free. A conversation about
+fixed images that keeps its K/V is a ``session.Session``; what one call takes and gives is in ``generation``."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,14 +17,19 @@ from .backends import make_backend
 from .bundle import Bundle
 from .chat import render, user_turn
 from .context import Context
+from .decoder import FusedOrtDecoder, make_decoder, written_cpu_graphs
+from .drafter import tree_graph_for
 from .errors import BundleError, InputError
-from .decoder import make_decoder, written_cpu_graphs
-from .runner import DecoderRunner
+from .generation import DecodeOptions, Detokenizer, GenerationResult, StreamEvent, final_result
+from .messages import normalize_messages, user_message
 from .preprocess import as_image, make_preprocessor
+from .runner import DecoderRunner
 from .sampling import SamplingConfig, choose
+from .session import Session
+from .speculative import SpeculativeDecoder
 from .token_rows import TokenRows
 from .tree import TreeSpec, causal_mask, image_block_mask
-from .video import Video, is_video_path
+from .video import Video
 
 
 @dataclass
@@ -30,44 +37,6 @@ class Prepared:
     input_ids: np.ndarray          # [S] int64
     tiles: list[np.ndarray]        # one [T,3,S,S] per image
     images: list = field(default_factory=list)  # preprocess.ProcessedImage per image (what packing needs)
-
-
-@dataclass
-class GenerationResult:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    stop_reason: str = ""
-    prompt_tokens: int = 0
-    ttft_ms: float = 0.0
-    decode_s: float = 0.0
-    accept_lengths: list[int] | None = None   # tokens emitted per target call (speculative decoding only)
-    speculative: bool = False
-    cached_tokens: int = 0     # prompt tokens whose K/V were reused from earlier calls (sessions)
-
-    @property
-    def num_new_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode throughput after the first token (the prefill is in ttft_ms)."""
-        n = self.num_new_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "num_new_tokens": self.num_new_tokens,
-            "stop_reason": self.stop_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "ttft_ms": round(self.ttft_ms, 3),
-            "tokens_per_s": round(self.tokens_per_s, 3),
-            "speculative": self.speculative,
-            **({"mean_accept_length": round(float(np.mean(self.accept_lengths)), 4) if self.accept_lengths else 0.0,
-                "accept_lengths": self.accept_lengths} if self.accept_lengths is not None else {}),
-        }
 
 
 class Pipeline:
@@ -113,7 +82,7 @@ class Pipeline:
         self.embeddings = TokenRows(bundle, m["embeddings_cpu"] if self.written_cpu else m["embeddings"])
         self.tree_spec = None  # override the manifest's TreeSpec (benchmarks, tuning)
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
-        self._lock = threading.RLock()  # one call at a time (see stream_chat)
+        self.lock = threading.RLock()  # one call at a time (see stream_chat); a Session holds it too
         self._reusable = None  # (image fingerprints, Context) of the last stream_chat(reuse=True)
         runtime_cfg = m.get("runtime") or {}
         mode = runtime_cfg.get("speculative", True)  # a bool, or per prompt kind: {"text": bool, "image": bool}
@@ -127,10 +96,6 @@ class Pipeline:
 
     def graphs_in_use(self, speculative: bool | None = None) -> list[str]:
         """The graphs a call with these settings runs (images included)."""
-        from .decoder import FusedOrtDecoder
-        from .speculative import tree_graph_for
-        from .tree import TreeSpec
-
         graphs = self.bundle.manifest["graphs"]
         fused = (self.fused is True) if self.fused is not None else (FusedOrtDecoder.GRAPH in graphs and self.backend.ort_cpu)
         if self.written_cpu:
@@ -190,9 +155,11 @@ class Pipeline:
         / ``{"type": "image", "image": path | PIL image | numpy frame}`` parts) -> token ids and image tiles."""
         shown, images = normalize_messages(messages)
         text = self.render(shown, add_generation_prompt)
-        return self._encode(text, images, bgr, image_splitting, longest_edge)
+        return self.encode(text, images, bgr, image_splitting, longest_edge)
 
-    def _encode(self, text: str, images: list, bgr: bool, image_splitting, longest_edge, check: bool = True) -> Prepared:
+    def encode(self, text: str, images: list, bgr: bool, image_splitting, longest_edge, check: bool = True) -> Prepared:
+        """Rendered chat text and its images (in prompt order) -> token ids and image tiles; ``check``: refuse a
+        prompt that does not fit the context."""
         processed = []
         for i, im in enumerate(images):
             if isinstance(im, Video):
@@ -264,7 +231,7 @@ class Pipeline:
         ``logits="last"``: only the last position's logits are read (a runner may compute only those)."""
         q = embeds.shape[1]
         p = dec.length
-        mask = None if dec.tree_native else causal_mask(q, p, self.mask_min)
+        mask = causal_mask(q, p, self.mask_min) if dec.reads_mask else None
         if mask is not None and ids is not None and self.image_attention == "bidirectional" and q > 1:
             mask = image_block_mask(mask, ids == self.image_token_id, p)
         out = dec.run(embeds, mask, np.arange(p, p + q), logits=logits)
@@ -285,11 +252,11 @@ class Pipeline:
                  top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
                  bgr: bool = False, **options) -> GenerationResult:
         """One answer (see ``stream`` for the arguments)."""
-        return _last(self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative, bgr, **options))
+        return final_result(self.stream(images, prompt, max_new_tokens, temperature, top_p, seed, speculative, bgr, **options))
 
     def stream(self, images, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
-               bgr: bool = False, system: str | None = None, **options) -> Iterator["StreamEvent"]:
+               bgr: bool = False, system: str | None = None, **options) -> Iterator[StreamEvent]:
         """Yield text pieces as they become printable; the last event carries the full result.
 
         ``images``: file paths, PIL images or numpy frames (H x W x 3 uint8 RGB; ``bgr=True`` for OpenCV / ROS
@@ -301,13 +268,13 @@ class Pipeline:
 
     def chat(self, messages: list[dict], **kwargs) -> GenerationResult:
         """The next assistant turn of a whole conversation (see ``stream_chat``)."""
-        return _last(self.stream_chat(messages, **kwargs))
+        return final_result(self.stream_chat(messages, **kwargs))
 
     def stream_chat(self, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
                     bgr: bool = False, deadline_s: float | None = None, stop=None, cancel=None,
                     image_splitting: bool | None = None, longest_edge: int | None = None,
-                    reuse: bool = False) -> Iterator["StreamEvent"]:
+                    reuse: bool = False) -> Iterator[StreamEvent]:
         """The next assistant turn of ``messages`` (see ``prepare_messages``), streamed.
 
         ``reuse=False`` (default) computes everything on a fresh context. ``reuse=True`` keeps the last reused
@@ -322,14 +289,12 @@ class Pipeline:
         bundle's ``do_image_splitting`` / ``size["longest_edge"]``, as the processor's options of those names do.
         Closing the stream early (``close()``, ``break``) leaves the pipeline consistent. One pipeline serves
         several threads: calls take turns behind a lock, held from the first ``next()`` to the last event."""
-        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, self,
+        opts = DecodeOptions.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, self,
                              bool(normalize_messages(messages)[1]))
-        with self._lock:
+        with self.lock:
             t0 = time.perf_counter()
             prep = self.prepare_messages(messages, bgr, image_splitting, longest_edge)
             if reuse:
-                import hashlib
-
                 key = tuple(hashlib.blake2b(np.ascontiguousarray(t).tobytes(), digest_size=16).hexdigest() for t in prep.tiles)
                 key += tuple(getattr(i, "size", None) for i in prep.images)  # packing may depend on the original size
                 if self._reusable is not None and self._reusable[0] == key:
@@ -341,15 +306,15 @@ class Pipeline:
             else:
                 ctx = self.new_context()
                 ctx.set_images(self.vision(prep.tiles, prep.images), prep.images)
-            yield from self._decode(ctx, prep.input_ids, opts, t0)
+            yield from self.stream_on(ctx, prep.input_ids, opts, t0)
 
     def session(self, images=None, system: str | None = None, bgr: bool = False, image_splitting: bool | None = None,
-                longest_edge: int | None = None) -> "Session":
+                longest_edge: int | None = None) -> Session:
         """A conversation about fixed image(s): vision and the prompt's image prefix run once, here; every
         ``ask`` then computes only its own tokens (see ``Session``)."""
         return Session(self, images, system, bgr, image_splitting, longest_edge)
 
-    def _decode(self, ctx: Context, ids: np.ndarray, opts: "_Options", t0: float) -> Iterator["StreamEvent"]:
+    def stream_on(self, ctx: Context, ids: np.ndarray, opts: DecodeOptions, t0: float) -> Iterator[StreamEvent]:
         """Prefill ``ids`` into ``ctx`` (only what it does not hold yet), then decode; yields ``StreamEvent``s."""
         cfg = SamplingConfig(opts.temperature, opts.top_p, opts.seed)
         rng = np.random.default_rng(opts.seed)
@@ -361,7 +326,7 @@ class Pipeline:
             tokens = self._speculative_tokens(ctx, logits, cfg, rng, res)
         else:
             tokens = self._plain_tokens(ctx, logits, cfg, rng)
-        detok = _Detokenizer(self.tokenizer, opts.stop)
+        detok = Detokenizer(self.tokenizer, opts.stop)
         t_first = None
         for token in tokens:
             res.token_ids.append(token)
@@ -405,8 +370,6 @@ class Pipeline:
 
     def _speculative_tokens(self, ctx: Context, logits: np.ndarray, cfg: SamplingConfig, rng,
                             res: GenerationResult) -> Iterator[int]:
-        from .speculative import SpeculativeDecoder
-
         tree = self.tree_spec or TreeSpec.from_json(self.bundle.manifest["tree"])
         spec = SpeculativeDecoder(self, tree, cfg, rng, unrolled=self.unrolled_draft, ctx=ctx)
         yield spec.begin(logits)
@@ -414,237 +377,3 @@ class Pipeline:
             step = spec.step()
             res.accept_lengths.append(len(step.tokens))
             yield from step.tokens
-
-
-class Session:
-    """A conversation about fixed image(s), keeping the K/V of everything already computed.
-
-    Created by ``Pipeline.session``: the images go through vision once and the prompt up to the first question
-    (system message, user turn header, image tokens) is prefilled once. ``ask(prompt)`` renders the whole
-    conversation with the model's chat template, keeps the longest cached prefix of its tokens and computes
-    only the rest, so its answer is the one ``Pipeline.chat`` gives for the same conversation (tested token for
-    token). ``keep=True`` (default) adds the question and answer to the conversation (multi-turn); ``keep=False``
-    rolls back to the state before the question (many independent questions about one frame). The drafter's
-    caches follow the same rule. A conversation that no longer fits the context gets an ``InputError`` naming
-    its length; ``reset()`` drops every turn but keeps the image prefix."""
-
-    def __init__(self, pipe: Pipeline, images=None, system: str | None = None, bgr: bool = False,
-                 image_splitting: bool | None = None, longest_edge: int | None = None):
-        self.pipe = pipe
-        self.images = [as_image(im, i, bgr) for i, im in enumerate(_image_list(images))]
-        self.system = system
-        self.turns: list[tuple[str, str]] = []  # (question, answer) kept
-        self._vision = (image_splitting, longest_edge)
-        self._busy = False
-        with pipe._lock:
-            self.ctx = pipe.new_context()
-            sentinel = "\x00dream-export-question\x00"
-            shown, images = normalize_messages(self._messages(sentinel))
-            text = pipe.render(shown, add_generation_prompt=False)
-            if text.count(sentinel) != 1:
-                raise InputError("the chat template does not render the question verbatim; sessions need it to")
-            prep = pipe._encode(text.split(sentinel)[0], images, False, *self._vision)
-            self.ctx.set_images(pipe.vision(prep.tiles, prep.images), prep.images)
-            self.prefix_tokens = len(prep.input_ids)
-            if self.prefix_tokens:
-                self.ctx.prefill(prep.input_ids)
-
-    def _messages(self, prompt: str) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        for i, (q, a) in enumerate(self.turns):
-            msgs += user_message(self.images if i == 0 else None, q)
-            msgs.append({"role": "assistant", "content": a})
-        return msgs + user_message(self.images if not self.turns else None, prompt)
-
-    def messages(self, prompt: str) -> list[dict]:
-        """The whole conversation that ``ask(prompt)`` answers (what ``Pipeline.chat`` would be given)."""
-        return self._messages(prompt)
-
-    @property
-    def length(self) -> int:
-        """Tokens whose K/V the session holds."""
-        return self.ctx.length
-
-    def ask(self, prompt: str, keep: bool = True, **kwargs) -> GenerationResult:
-        return _last(self.stream(prompt, keep, **kwargs))
-
-    def stream(self, prompt: str, keep: bool = True, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, speculative: bool | None = None,
-               deadline_s: float | None = None, stop=None, cancel=None) -> Iterator["StreamEvent"]:
-        """As ``Pipeline.stream_chat`` over ``messages(prompt)``. A stream closed before its last event keeps
-        nothing of that turn, whatever ``keep`` says."""
-        pipe = self.pipe
-        opts = _Options.make(max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe,
-                             bool(self.images))
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty; expected a question or instruction")
-        with pipe._lock:
-            if self._busy:
-                raise InputError("this session is already answering (a stream is open); finish or close it first")
-            self._busy = True
-            try:
-                t0 = time.perf_counter()
-                shown, images = normalize_messages(self._messages(prompt))
-                text = pipe.render(shown)
-                ids = pipe._encode(text, images, False, *self._vision, check=False).input_ids
-                if len(ids) >= pipe.max_positions:
-                    raise InputError(f"the conversation is {len(ids)} tokens with this question; the context is "
-                                     f"{pipe.max_positions}: ask with keep=False, reset() or start a new session")
-                before = min(self.ctx.common_prefix(ids), len(ids) - 1)
-                final = None
-                try:
-                    for event in pipe._decode(self.ctx, ids, opts, t0):
-                        final = event.final
-                        yield event
-                finally:
-                    if final is not None and keep:
-                        self.turns.append((prompt, final.text))
-                    else:  # rolled back: the question, the answer and anything an early close left behind
-                        self.ctx.truncate(before)
-            finally:
-                self._busy = False
-
-    def reset(self) -> None:
-        """Forget every turn; the image prefix stays cached."""
-        self.turns.clear()
-        self.ctx.truncate(self.prefix_tokens)
-
-
-@dataclass
-class _Options:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    speculative: bool
-    deadline_s: float | None
-    stop: tuple[str, ...]
-    cancel: object
-
-    @classmethod
-    def make(cls, max_new_tokens, temperature, top_p, seed, speculative, deadline_s, stop, cancel, pipe,
-             has_images: bool) -> "_Options":
-        """Validated before anything runs: each bad value gets one line naming it and what is expected."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens {max_new_tokens!r}: expected an integer of at least 1")
-        try:
-            SamplingConfig(temperature, top_p, seed)
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        if speculative is None:
-            speculative = pipe.speculative_for(has_images)
-        elif speculative and not pipe.has_drafter:
-            raise InputError(f"{pipe.bundle.path}: this bundle has no drafter; export with --drafter to decode speculatively")
-        if deadline_s is not None and not (isinstance(deadline_s, (int, float)) and deadline_s > 0):
-            raise InputError(f"deadline_s {deadline_s!r}: expected a positive number of seconds")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) and s for s in stops):
-            raise InputError(f"stop {stop!r}: expected a non-empty string or a list of them")
-        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
-            raise InputError(f"cancel: a {type(cancel).__name__}; expected a threading.Event (or anything with is_set())")
-        return cls(max_new_tokens, temperature, top_p, seed, bool(speculative), deadline_s, stops, cancel)
-
-
-def _last(events):
-    result = None
-    for event in events:
-        result = event
-    return result.final
-
-
-def user_message(images, prompt: str) -> list[dict]:
-    """One user turn as a message list: the images (and video files, by their suffix) first, then the text
-    (SmolVLM's layout)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty; expected a question or instruction about the image(s)")
-    parts = [{"type": "video", "video": im} if is_video_path(im) else {"type": "image", "image": im}
-             for im in _image_list(images)]
-    return [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
-
-
-def normalize_messages(messages) -> tuple[list[dict], list]:
-    """(messages as the chat template takes them, the images in order). Content may be a string or a list of
-    text / image parts; image parts carry the image under ``"image"``."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError("messages: expected a non-empty list of {'role', 'content'} dicts")
-    shown, images = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise InputError(f"messages[{i}]: expected a dict with role 'system', 'user' or 'assistant' and a content")
-        content = m.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise InputError(f"messages[{i}].content: expected a string or a non-empty list of parts")
-        parts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image" and part.get("image") is not None:
-                parts.append({"type": "image"})
-                images.append(part["image"])
-            elif kind == "video" and isinstance(part.get("video"), (str, Path)):
-                parts.append({"type": "video"})
-                images.append(Video(Path(part["video"])))
-            else:
-                raise InputError(f"messages[{i}].content[{j}]: expected {{'type': 'text', 'text': str}}, "
-                                 f"{{'type': 'image', 'image': path | PIL image | numpy array}} or "
-                                 f"{{'type': 'video', 'video': path}}")
-        shown.append({"role": m["role"], "content": parts})
-    return shown, images
-
-
-def _image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getbands"):
-        return [images]  # one image
-    return list(images)
-
-
-@dataclass
-class StreamEvent:
-    text: str
-    final: GenerationResult | None  # set on the last event only
-
-
-class _Detokenizer:
-    """Incremental decoding that never emits half a UTF-8 character, nor text that may turn out to begin a stop
-    string (it is held back until it cannot)."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.ids: list[int] = []
-        self.emitted_text = ""
-        self.stopped = False
-        self._cut: str | None = None
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def final_text(self) -> str:
-        return self._cut if self._cut is not None else self.text()
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.text()
-        if text.endswith("\ufffd") or not text.startswith(self.emitted_text):
-            return ""
-        safe = len(text)
-        if self.stops:
-            hits = [i for i in (text.find(s, max(0, len(self.emitted_text) - len(s))) for s in self.stops) if i >= 0]
-            if hits:
-                self.stopped = True
-                self._cut = text[: min(hits)]
-                return ""
-            for s in self.stops:  # hold back a tail that is the start of a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-        safe = max(safe, len(self.emitted_text))
-        piece = text[len(self.emitted_text):safe]
-        self.emitted_text = text[:safe]
-        return piece

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .rope import position_ids
+
 
 class DecoderRunner:
     length: int
@@ -15,12 +17,11 @@ class DecoderRunner:
         """The graph's position_ids for sequence positions ``positions``: [1, Q], or [3, 1, Q] for M-RoPE."""
         if self.rope_axes == 1:
             return np.asarray(positions, np.int64)[None]
-        from .rope import position_ids
-
         table, delta = self.rope if self.rope is not None else (None, 0)
         return position_ids(positions, table, delta)
 
     tree_native = False  # True: verify calls pass the tree's parents (``run_tree``) instead of a mask
+    reads_mask = True    # False: a causal-only graph; causal calls pass no mask
     chains = None        # tree-native runners: the most root-to-leaf chains one verify call holds
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, logits: str = "all") -> dict[str, np.ndarray]:

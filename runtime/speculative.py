@@ -6,7 +6,7 @@ One step (``SpeculativeDecoder.step``):
                the top-K frontier nodes by cumulative draft log-prob, depth by depth; keep the best
                N-1 nodes (+ root). With ``TreeSpec.lookup`` L > 0, up to L of the N nodes are a copy of what
                followed the latest earlier occurrence of the context's last 1-3 tokens (prompt lookup),
-               ranked with the drafter's nodes (``LOOKUP_LOGP``): answers repeat the question's words.
+               ranked with the drafter's nodes (``lookup.py``): answers repeat the question's words.
   2. verify  — one target call over the N nodes with the tree mask, positions = context + depth.
   3. accept  — walk down from the root. At each node the target's distribution p decides among the
                node's children in draft order: child c is accepted with probability p(c); a rejected
@@ -16,30 +16,24 @@ One step (``SpeculativeDecoder.step``):
   4. commit  — the accepted path's target K/V are kept (moved down in place). The drafter's catch-up on
                the accepted tokens (with the target's real features) is the first part of the next draft.
 Two drafting paths give the same tree: the bundle's ``draft_tree`` graph (catch-up + every level in one
-call, for the exported D and K) and depth-by-depth calls of the ``drafter`` graph (any D, K).
+call, for the exported D and K) and depth-by-depth calls of the ``drafter`` graph (any D, K); the drafter's
+caches and catch-up are ``drafter.py``'s.
 The drafter's memory (cross-attention over target features) holds only the kept image tokens
 (visual token compression); the target always sees all of them.
-
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .context import Context
+from .drafter import CatchUp, DrafterState
+from .errors import BundleError
+from .lookup import graft_chain, lookup_continuation
 from .sampling import SamplingConfig, probabilities
-from .tree import TreeSpec, ancestor_matrix
-
-
-@dataclass
-class DraftTree:
-    """Node 0 is the root; nodes 1.. are the drafted candidates. parents[0] = -1."""
-
-    tokens: np.ndarray   # int64 target ids
-    scores: np.ndarray   # cumulative draft log-prob (root 0)
-    parents: np.ndarray  # int64
-    depth: np.ndarray    # int64
+from .tree import DraftTree, TreeSpec, ancestor_matrix
 
 
 @dataclass
@@ -49,158 +43,12 @@ class StepResult:
     tree_size: int
 
 
-class _Grow:
-    """A preallocated [1,kvh,cap,hd] array appended along axis 2 and rolled back by length."""
-
-    def __init__(self, kvh: int, hd: int, cap: int):
-        self.data = np.zeros((1, kvh, cap, hd), np.float32)
-        self.length = 0
-
-    def view(self) -> np.ndarray:
-        return np.ascontiguousarray(self.data[:, :, : self.length])
-
-    def append(self, rows: np.ndarray) -> None:
-        n = rows.shape[2]
-        if self.length + n > self.data.shape[2]:
-            grown = np.zeros(self.data.shape[:2] + (max(2 * self.data.shape[2], self.length + n),) + self.data.shape[3:], np.float32)
-            grown[:, :, : self.length] = self.data[:, :, : self.length]
-            self.data = grown
-        self.data[:, :, self.length: self.length + n] = rows
-        self.length += n
-
-
-class _Positions:
-    """A growable int64 vector, rolled back by length."""
-
-    def __init__(self, cap: int = 256):
-        self.data = np.zeros(cap, np.int64)
-        self.length = 0
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.length]
-
-    def append(self, values) -> None:
-        values = np.asarray(values, np.int64)
-        n = len(values)
-        if self.length + n > len(self.data):
-            self.data = np.concatenate([self.data[: self.length], np.zeros(max(len(self.data), n), np.int64)])
-        self.data[self.length: self.length + n] = values
-        self.length += n
-
-
-def tree_graph_for(backend, manifest: dict) -> str | None:
-    """The one-call draft graph this backend runs: the quantized ORT-CPU twin when the bundle has one and
-    the backend is ONNX Runtime on a CPU, otherwise the float (TensorRT-parsable) graph."""
-    info = manifest.get("drafter") or {}
-    ort_cpu = info.get("tree_graph_ort_cpu")
-    if ort_cpu and ort_cpu in manifest["graphs"] and backend.ort_cpu:
-        return ort_cpu
-    return info.get("tree_graph")
-
-
-class DrafterState:
-    """The drafter's caches: its own token stream (self-attention K/V of blocks 0 and 2) and the memory
-    (cross-attention K/V of target or drafted features), each with the positions of its entries."""
-
-    def __init__(self, pipe, info: dict):
-        self.backend = pipe.backend
-        self.spec = pipe.bundle.graph(info["graph"])
-        self.tree_graph = tree_graph_for(pipe.backend, pipe.bundle.manifest)
-        self.mask_min = float(self.spec["mask_min"])
-        shapes = {t["name"]: t["shape"] for t in self.spec["inputs"]}
-        cap = 256
-        # each cache's (heads, head_dim) comes from the graph's declared input shape
-        self.kv = {name: _Grow(shapes[name][1], shapes[name][3], cap) for name in self.spec["past"]}
-        self.self_pos = _Positions()
-        self.mem_pos = _Positions()
-        d2t = info.get("draft_to_target")
-        self.d2t = np.load(pipe.bundle.file(d2t), allow_pickle=False) if d2t else None
-
-    @property
-    def self_len(self) -> int:
-        return self.self_pos.length
-
-    @property
-    def mem_len(self) -> int:
-        return self.mem_pos.length
-
-    def _feeds(self, embeds, positions, self_allowed, memory, cross_allowed) -> dict:
-        feeds = {
-            "inputs_embeds": np.asarray(embeds, np.float32)[None],
-            "position_ids": np.asarray(positions, np.int64)[None],
-            "attention_mask": np.where(self_allowed, np.float32(0.0), np.float32(self.mask_min))[None, None],
-            "memory": np.asarray(memory, np.float32)[None],
-            "cross_mask": np.where(cross_allowed, np.float32(0.0), np.float32(self.mask_min))[None, None],
-        }
-        for name in self.spec["past"]:
-            feeds[name] = self.kv[name].view()
-        return feeds
-
-    def _append(self, out: dict, positions, mem_positions) -> None:
-        for past, present in zip(self.spec["past"], self.spec["present"]):
-            self.kv[past].append(out[present])
-        self.self_pos.append(positions)
-        self.mem_pos.append(mem_positions)
-
-    def call(self, embeds, positions, self_allowed, memory, mem_positions, cross_allowed):
-        """Run the drafter over Q queries with M new memory rows; every new row is appended (the caller rolls back)."""
-        out = self.backend.run("drafter", self._feeds(embeds, positions, self_allowed, memory, cross_allowed))
-        self._append(out, positions, mem_positions)
-        return out["logits"][0], out["features"][0]
-
-    def _catch_up_masks(self, positions, feature_positions):
-        pos = np.asarray(positions, np.int64)
-        self_pos = np.concatenate([self.self_pos.view(), pos])
-        mem_pos = np.concatenate([self.mem_pos.view(), np.asarray(feature_positions, np.int64)])
-        return self_pos[None, :] <= pos[:, None], mem_pos[None, :] < pos[:, None]
-
-    def catch_up(self, embeds, positions, features, feature_positions):
-        """Committed tokens and the target's features for the positions before them: causal, memory strictly earlier."""
-        self_allowed, cross_allowed = self._catch_up_masks(positions, feature_positions)
-        return self.call(embeds, positions, self_allowed, features, feature_positions, cross_allowed)
-
-    def draft_tree(self, embeds, positions, features, feature_positions):
-        """Catch-up and the whole unrolled tree search in one call of the ``draft_tree`` graph; keeps the
-        catch-up rows. Returns the candidates' target ids, cumulative log-probs and parents (-1 = root)."""
-        self_allowed, cross_allowed = self._catch_up_masks(positions, feature_positions)
-        out = self.backend.run(self.tree_graph, self._feeds(embeds, positions, self_allowed, features, cross_allowed))
-        self._append(out, positions, feature_positions)
-        return out["tree_tokens"], out["tree_scores"], out["tree_parents"]
-
-    def rollback_to_position(self, position: int) -> None:
-        """Keep only the entries for positions < ``position`` (entries are appended in position order)."""
-        self.rollback(int(np.searchsorted(self.self_pos.view(), position)),
-                      int(np.searchsorted(self.mem_pos.view(), position)))
-
-    def rollback(self, self_len: int, mem_len: int) -> None:
-        for name, g in self.kv.items():
-            g.length = mem_len if "mem" in name else self_len
-        self.self_pos.length = self_len
-        self.mem_pos.length = mem_len
-
-    def to_target(self, draft_ids: np.ndarray) -> np.ndarray:
-        return draft_ids if self.d2t is None else self.d2t[draft_ids]
-
-
 @dataclass
 class _Node:
     token: int
     parent: int        # index into the node list; -1 for the root
     depth: int
     logp: float
-    children: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _CatchUp:
-    """What the drafter has not seen yet: the tokens emitted by the last step and the target features
-    for the positions before each of them."""
-
-    embeds: np.ndarray
-    positions: np.ndarray
-    features: np.ndarray
-    feature_positions: np.ndarray
-    upto: int  # once caught up, the drafter's caches are valid for positions < upto
 
 
 class SpeculativeDecoder:
@@ -210,8 +58,6 @@ class SpeculativeDecoder:
 
     def __init__(self, pipe, tree: TreeSpec, cfg: SamplingConfig, rng: np.random.Generator,
                  unrolled: bool | None = None, ctx=None):
-        from .context import Context
-
         self.pipe = pipe
         self.tree = tree
         self.cfg = cfg
@@ -225,8 +71,6 @@ class SpeculativeDecoder:
         graph = pipe.bundle.manifest["graphs"].get(self.drafter.tree_graph or "", {})
         fits = bool(graph) and (graph.get("depth"), graph.get("top_k")) == (tree.depth, tree.top_k)
         if unrolled and not fits:
-            from .errors import BundleError
-
             raise BundleError(f"the unrolled draft graph was asked for, but the bundle has none for depth "
                               f"{tree.depth}, top-k {tree.top_k} (it has: {graph.get('depth')}, {graph.get('top_k')})")
         self.unrolled = fits if unrolled is None else unrolled
@@ -234,7 +78,7 @@ class SpeculativeDecoder:
             k, c = tree.top_k, int(graph["candidates"])
             self._tree_depth = np.concatenate([[0, *([1] * k)], np.repeat(np.arange(2, tree.depth + 1), k * k)])[: c + 1]
         self.root = -1
-        self.pending: _CatchUp | None = None
+        self.pending: CatchUp | None = None
         self.min_logp = tree.min_logp
 
     # --- setup --------------------------------------------------------------------------------------
@@ -256,8 +100,8 @@ class SpeculativeDecoder:
         keep = ctx.kept_positions(upto, n, float(self.info.get("keep_visual", 1.0)))
         embeds = ctx.embeds_for(ctx.ids[:n], upto)[keep - upto]
         self.root = first
-        self.pending = _CatchUp(np.concatenate([embeds, self.pipe.embed(np.array([first]))]),
-                                np.append(keep, n), ctx.hidden[keep], keep, n)
+        self.pending = CatchUp(np.concatenate([embeds, self.pipe.embed(np.array([first]))]),
+                               np.append(keep, n), ctx.hidden[keep], keep, n)
         return first
 
     def snapshot(self):
@@ -276,7 +120,7 @@ class SpeculativeDecoder:
         return int(min(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum(), side="right"), len(p) - 1))
 
     # --- one step -----------------------------------------------------------------------------------
-    def step(self, max_tokens: int | None = None) -> StepResult:
+    def step(self) -> StepResult:
         room = self.pipe.max_positions - self.dec.length  # verified positions that stay inside the context
         budget = max(1, min(self.tree.total_tokens, room))
         tree = self._draft_unrolled() if self.unrolled else self._draft_stepwise(budget)
@@ -289,8 +133,8 @@ class SpeculativeDecoder:
         self.dec.commit(path)
         self.ctx.record(p0, tree.tokens[order[path]], hidden[path])
         tokens = [int(t) for t in tree.tokens[order[path[1:]]]] + [bonus]
-        self.pending = _CatchUp(self.pipe.embed(np.array(tokens)), p0 + 1 + np.arange(len(tokens)),
-                                hidden[path], p0 + np.arange(len(path)), self.dec.length)
+        self.pending = CatchUp(self.pipe.embed(np.array(tokens)), p0 + 1 + np.arange(len(tokens)),
+                               hidden[path], p0 + np.arange(len(path)), self.dec.length)
         self.root = bonus
         return StepResult(tokens, len(path) - 1, len(order))
 
@@ -335,7 +179,6 @@ class SpeculativeDecoder:
             new = []
             for logp, u, tok in cands:
                 nodes.append(_Node(tok, u, d, logp))
-                nodes[u].children.append(len(nodes) - 1)
                 new.append(len(nodes) - 1)
             if d == depth:
                 break
@@ -362,34 +205,12 @@ class SpeculativeDecoder:
         return nodes
 
     def _with_lookup(self, tree: DraftTree, n: int) -> DraftTree:
-        """``tree`` with the prompt-lookup chain below the root (``lookup_continuation`` of the context and the
-        root). Each copied token reuses the drafter's node for it when there is one, else a new node is added; a
-        copied token at depth d scores d x ``LOOKUP_LOGP`` (a reused node keeps the higher of its two scores), so
-        ``_select`` ranks the chain with the drafter's nodes. Every node still has distinct children, so
-        acceptance (greedy or sampled) is unchanged: lossless whatever proposed the tokens. (Chains below the
-        drafter's best nodes as well were tried: no gain on held-out text.)"""
+        """``tree`` with the prompt-lookup chain of up to ``n`` tokens below the root (``lookup.graft_chain``), ranked
+        with the drafter's nodes by ``_select``. (Chains below the drafter's best nodes as well were tried: no gain
+        on held-out text.)"""
         seq = np.append(self.ctx.ids[: self.dec.length], self.root)
         chain = lookup_continuation(seq, n, self.pipe.image_token_id)
-        if not chain:
-            return tree
-        tokens, scores = list(tree.tokens), list(tree.scores)
-        parents, depth = list(tree.parents), list(tree.depth)
-        child = {(int(p), int(t)): i for i, (p, t) in enumerate(zip(parents, tokens)) if p >= 0}
-        at = 0
-        for tok in chain:
-            node = child.get((at, tok))
-            if node is None:
-                node = len(tokens)
-                tokens.append(tok)
-                parents.append(at)
-                depth.append(depth[at] + 1)
-                scores.append(depth[-1] * LOOKUP_LOGP)
-                child[(at, tok)] = node
-            else:
-                scores[node] = max(scores[node], depth[node] * LOOKUP_LOGP)
-            at = node
-        return DraftTree(np.array(tokens, np.int64), np.array(scores, np.float64), np.array(parents, np.int64),
-                         np.array(depth, np.int64))
+        return graft_chain(tree, chain) if chain else tree
 
     @staticmethod
     def _ancestors(nodes, u) -> set[int]:
@@ -476,36 +297,6 @@ class SpeculativeDecoder:
                 return path, int(min(np.searchsorted(np.cumsum(p), self.rng.random() * s, side="right"), len(p) - 1))
             path.append(match)
             row = match
-
-
-# The score of a copied token at depth d is d * LOOKUP_LOGP, as if each were accepted with probability ~0.6: a
-# chain outranks the drafter's unsure nodes and yields to its confident ones. Chosen on held-out data other than
-# the benchmarks' (68 held-out instructions, 24 scenes on smolvlm-smollm2): 0 (always first) cost image prompts
-# acceptance (3.73 -> 3.45), -1 gave up part of the text gain; -0.25 .. -0.5 kept both.
-LOOKUP_LOGP = -0.5
-
-
-def lookup_continuation(seq: np.ndarray, n: int, image_token_id: int | None = None, max_ngram: int = 3,
-                        min_ngram: int = 1) -> list[int]:
-    """Prompt lookup (Saxena 2023; "copy" drafting): the up to ``n`` tokens that followed the latest earlier
-    occurrence of ``seq``'s last g tokens, for the longest g in ``max_ngram``..``min_ngram`` that occurs; [] when
-    none does. A continuation stops before an image token (never an answer token). Answers often repeat the
-    question's words; a small drafter misses many of them."""
-    seq = np.asarray(seq, np.int64)
-    if n <= 0 or len(seq) < 2:
-        return []
-    for g in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
-        tail = seq[-g:]
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], g)  # starts 0 .. len-1-g: each has a next token
-        hits = np.flatnonzero((windows == tail).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + g
-            out = [int(t) for t in seq[start: start + n]]
-            if image_token_id is not None and image_token_id in out:
-                out = out[: out.index(image_token_id)]
-            if out:
-                return out
-    return []
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

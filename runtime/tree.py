@@ -1,4 +1,5 @@
-"""Draft trees: the one frozen TreeSpec, and tree masks / positions for a verify call (numpy only).
+"""Draft trees: the one frozen TreeSpec, one drafted tree (``DraftTree``), and tree masks / positions for a verify
+call (numpy only).
 
 A tree of N nodes is given by ``parents``: parents[i] < i is the index of node i's parent, -1 for the
 root. Node i may attend the whole cached prefix, its ancestors and itself.
@@ -15,7 +16,7 @@ import numpy as np
 class TreeSpec:
     """Total verified tokens N (root included), draft depth D, top-k K per expansion (EAGLE-2 dynamic tree);
     ``lookup`` L: up to L of the N nodes may be a copy of what followed the context's latest earlier occurrence
-    of its last tokens (prompt lookup, ``speculative.lookup_continuation``), 0 = the drafter's tree alone;
+    of its last tokens (prompt lookup, ``lookup.lookup_continuation``), 0 = the drafter's tree alone;
     ``min_logp`` P: candidates whose cumulative draft log-prob is below P are not verified (a verify row costs
     a share of a decode step, and one unlikely to be accepted does not pay for it), None = fill all N."""
 
@@ -58,6 +59,16 @@ class TreeSpec:
             raise ValueError(f"tree {text!r}: expected N,D,K, N,D,K,L or N,D,K,L,P (positive total tokens, depth, "
                              f"top-k; L >= 0 prompt-lookup tokens; P <= 0 the least log-prob verified), such as "
                              f"32,6,4 or 8,3,2,8,-1.5") from exc
+
+
+@dataclass
+class DraftTree:
+    """One drafted tree. Node 0 is the root; nodes 1.. are the drafted candidates. parents[0] = -1."""
+
+    tokens: np.ndarray   # int64 target ids
+    scores: np.ndarray   # cumulative draft log-prob (root 0)
+    parents: np.ndarray  # int64
+    depth: np.ndarray    # int64
 
 
 def depths(parents: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from .drafter import DrafterState
 from .tree import TreeSpec, causal_mask
 
 CANDIDATES = [
@@ -59,8 +60,6 @@ def verify_cost(pipe, n: int, context: int) -> float:
 def draft_cost(pipe, tree: TreeSpec, context: int, accepted: int) -> tuple[float, bool]:
     """Seconds for one draft step (catch-up on ``accepted`` tokens + the tree search), isolated, and
     whether the bundle's one-call graph did it."""
-    from .speculative import DrafterState
-
     info = pipe.bundle.manifest["drafter"]
     state = DrafterState(pipe, info)
     graph = pipe.bundle.manifest["graphs"].get(state.tree_graph or "", {})

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dream_export.presets.tiny import TinyVLMSpec
+from dream_export.presets.smolvlm_tiny.architecture import TinyVLMSpec
 
 # Tiny SmolVLM configs built offline: image splitting on (multi-head), grouped-query attention with
 # splitting off and tied embeddings, and the vision layouts (tile, patch, pixel shuffle) of the real checkpoints.
@@ -41,7 +41,7 @@ class Zoo:
         """(model folder, bundle folder) for a named config, built and exported once per session."""
         if name not in self._built:
             from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-            from dream_export.presets.tiny import build_tiny_vlm
+            from dream_export.presets.smolvlm_tiny.architecture import build_tiny_vlm
 
             model_dir = build_tiny_vlm(self.root / name / "model", CONFIGS[name])
             model, processor = load_target(str(model_dir))
@@ -109,16 +109,16 @@ class Zoo:
 def tiny(tmp_path_factory):
     """(model folder, bundle) of the built-in smolvlm-tiny with its shipped drafter, exported once per session."""
     from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-    from dream_export.presets.smolvlm_tiny import SHIPPED, ensure_smolvlm_tiny, shipped_drafter
-    from runtime.tree import TreeSpec
+    from dream_export.presets import shipped_defaults
+    from dream_export.presets.smolvlm_tiny import MODEL_DIR, ensure_smolvlm_tiny
 
     path = ensure_smolvlm_tiny()
-    assert path == SHIPPED and (SHIPPED / "model.safetensors").is_file()
-    drafter, tree = shipped_drafter(path)
+    assert path == MODEL_DIR and (MODEL_DIR / "model.safetensors").is_file()
+    shipped = shipped_defaults(path)
     model, processor = load_target(str(path))
     bundle = export_bundle(model, processor, {"model": "smolvlm-tiny"},
-                           ExportOptions(out=tmp_path_factory.mktemp("tiny") / "bundle", drafter=drafter,
-                                         tree=TreeSpec.from_json(tree) if tree else None), quiet=True)
+                           ExportOptions(out=tmp_path_factory.mktemp("tiny") / "bundle", drafter=shipped.folder,
+                                         tree=shipped.tree), quiet=True)
     return path, bundle
 
 

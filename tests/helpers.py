@@ -121,7 +121,7 @@ def tiny_vocab_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from dream_export.presets.tiny import SPECIAL_TOKENS
+    from dream_export.presets.smolvlm_tiny.architecture import SPECIAL_TOKENS
 
     words = ["[UNK]", "User", ":", "Assistant", "What", "color", "is", "the", "circle", "?", "red", "blue", "a", "it",
              "yes", "no", "square", "shape", "Describe", "image", "."]

@@ -129,7 +129,7 @@ def test_graph_naming_unverified_external_data_is_refused(bundle_copy, images, c
     import onnx
 
     from runtime.bundle import sha256_file
-    from runtime.onnx_refs import external_data_locations
+    from runtime.onnx_external_data import external_data_locations
 
     shutil.copy(bundle_copy / "weights.bin", bundle_copy / "copy.bin")
     shutil.copy(bundle_copy / "weights.bin", bundle_copy.parent / "elsewhere.bin")
@@ -153,7 +153,7 @@ def test_external_data_walker_agrees_with_onnx(bundle_copy):
     import onnx
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    from runtime.onnx_refs import external_data_locations
+    from runtime.onnx_external_data import external_data_locations
 
     for graph in sorted(bundle_copy.glob("*.onnx")):
         model = onnx.load(str(graph), load_external_data=False)

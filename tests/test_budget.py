@@ -1,8 +1,10 @@
 """Device memory budgets (runtime/budget.py) computed from a bundle's manifest, the manifests derived from a
-checkpoint's config alone (dream_export/budget.py: for Jetson budgets of checkpoints that cannot be downloaded
-here) checked against real exports, and the runtime's ``context`` knob that the budget recommends."""
+checkpoint's config alone (benchmarks/jetson_budget.py: for Jetson budgets of checkpoints that cannot be
+downloaded here) checked against real exports, and the runtime's ``context`` knob that the budget recommends."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,11 @@ def _manifest(bundle):
 def test_config_derived_weights_match_a_real_export(tiny):
     from transformers import Idefics3Config
 
-    from dream_export.budget import manifest_from_config
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "jetson_budget.py"
+    spec = importlib.util.spec_from_file_location("jetson_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    manifest_from_config = module.manifest_from_config
 
     model_dir, bundle = tiny
     real = _manifest(bundle)

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from runtime.backends.device import ALIGN, DeviceDecoder, HostMemory
-from runtime.backends.trt_plan import Plan, graph_digest, kv_row_copies
+from runtime.backends.device import DeviceDecoder
+from runtime.backends.memory import ALIGN, HostMemory
+from runtime.backends.engine_plan import Plan, graph_digest, kv_row_copies
 from runtime.bundle import Bundle
 from runtime.kv import KVCache
 from runtime.pipeline import Pipeline
@@ -42,7 +43,7 @@ def test_row_copies_do_what_the_host_cache_does(layout):
         k, _ = cache.past(0)
         assert np.array_equal(k if layout == "bshd" else k.transpose(0, 2, 1, 3), buf[:, :length])
     if layout == "bshd":
-        assert np.shares_memory(cache.past(0)[0], cache.keys[0])  # the past is a view: no copy per call
+        assert np.shares_memory(cache.past(0)[0], cache.keys[0].data)  # the past is a view: no copy per call
 
 
 def test_host_memory_is_aligned_as_tensorrt_requires():

@@ -20,7 +20,7 @@ MAX_NEW = 20
 
 
 def _llava(layout):
-    from dream_export.presets.tiny_llava import TinyLlavaSpec, build_tiny_llava
+    from tiny_models.llava import TinyLlavaSpec, build_tiny_llava
 
     spec = {"clip336like": TinyLlavaSpec(),  # LLaVA-1.5: layer -2, CLS dropped, shortest edge then centre crop
             "full_cls": TinyLlavaSpec(image_size=48, patch=8, shortest_edge=48, feature_layer=-1, select_strategy="full",
@@ -29,7 +29,7 @@ def _llava(layout):
 
 
 def _llava_next(layout):
-    from dream_export.presets.tiny_llava import TinyLlavaNextSpec, build_tiny_llava_next
+    from tiny_models.llava import TinyLlavaNextSpec, build_tiny_llava_next
 
     spec = {"anyres": TinyLlavaNextSpec(),  # LLaVA-1.6 layout: 1x2, 2x1, 2x2, 1x3 grids of the tower's square
             "anyres_p8": TinyLlavaNextSpec(image_size=48, patch=8, pinpoints=((1, 2), (2, 2), (3, 1)), text_layers=3,
@@ -38,7 +38,7 @@ def _llava_next(layout):
 
 
 def _gemma3(layout):
-    from dream_export.presets.tiny_gemma3 import TinyGemma3Spec, build_tiny_gemma3
+    from tiny_models.gemma3 import TinyGemma3Spec, build_tiny_gemma3
 
     spec = {"window24": TinyGemma3Spec(),  # sliding, sliding, global, sliding; a 24-position window; 4 tokens per image
             "softcap_w16": TinyGemma3Spec(sliding_window=16, text_layers=3, kv_heads=4, final_logit_softcapping=5.0,
@@ -48,7 +48,7 @@ def _gemma3(layout):
 
 
 def _smolvlm2(layout):
-    from dream_export.presets.tiny_smolvlm2 import TinySmolVLM2Spec, build_tiny_smolvlm2
+    from tiny_models.smolvlm2 import TinySmolVLM2Spec, build_tiny_smolvlm2
 
     spec = {"split": TinySmolVLM2Spec(),  # 32-px tiles, 8-px patches, pixel shuffle x2; videos at 1 fps, <= 6 frames
             "nosplit_x3": TinySmolVLM2Spec(image_splitting=False, tile=48, patch=8, scale_factor=3, longest_edge=96,
@@ -58,7 +58,7 @@ def _smolvlm2(layout):
 
 
 def _pixtral(layout):
-    from dream_export.presets.tiny_pixtral import TinyPixtralSpec, build_tiny_pixtral
+    from tiny_models.pixtral import TinyPixtralSpec, build_tiny_pixtral
 
     spec = {"p8_edge64": TinyPixtralSpec(),  # 8-px patches, images up to 64 px a side (8 x 8 patches), last layer
             "p16_edge80": TinyPixtralSpec(patch=16, longest_edge=80, feature_layer=-2, text_layers=3, kv_heads=4,
@@ -67,7 +67,7 @@ def _pixtral(layout):
 
 
 def _qwen2_5_vl(layout):
-    from dream_export.presets.tiny_qwen2_5_vl import TinyQwen25VLSpec, build_tiny_qwen2_5_vl
+    from tiny_models.qwen2_5_vl import TinyQwen25VLSpec, build_tiny_qwen2_5_vl
 
     spec = {"p8_win2": TinyQwen25VLSpec(),  # 8-px patches, 2x2-token windows, block 1 full, <= 48 tokens per image
             "p6_win4": TinyQwen25VLSpec(patch=6, window_size=48, fullatt_blocks=(0,), heads=8, mrope_section=(1, 1, 2),
@@ -76,7 +76,7 @@ def _qwen2_5_vl(layout):
 
 
 def _mistral3(layout):
-    from dream_export.presets.tiny_pixtral import TinyPixtralSpec, build_tiny_pixtral
+    from tiny_models.pixtral import TinyPixtralSpec, build_tiny_pixtral
 
     spec = {"p8_merge2": TinyPixtralSpec(merge=2, longest_edge=96),  # 16-px tokens (2x2 patches of 8 px), up to 96 px
             "p6_merge3": TinyPixtralSpec(patch=6, merge=3, longest_edge=100, feature_layer=-2, text_layers=3,
@@ -377,7 +377,7 @@ def test_images_at_their_own_size_fit_the_tensorrt_profile(families, images, fam
     """Pixtral's and Qwen2.5-VL's vision graphs take one image of its own size per call: the calls prompts make (odd
     sizes, two images) each fit the TensorRT plan's vision profile, which stops at the family's largest image;
     Pixtral's prompt spells each image's grid out ([IMG] x cols + [IMG_BREAK] per row, [IMG_END] last)."""
-    from runtime.backends.trt_plan import Plan
+    from runtime.backends.engine_plan import Plan
 
     _, bundle = families.get(family, layout)
     pipe = Pipeline.from_bundle(bundle)

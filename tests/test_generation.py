@@ -99,3 +99,15 @@ def test_decoders_commit_subsets_identically(zoo):
         results.append((dec.length, pipe.step(dec, nxt)["logits"]))
     assert results[0][0] == results[1][0]
     assert np.max(np.abs(results[0][1] - results[1][1])) < 1e-4
+
+
+@pytest.mark.parametrize("parents", ([-1, 0, 1, 2], [-1, 0, 0, 1, 2, 3], [-1, 0, 1, 1, 2, 0]))
+def test_standard_graph_verify_rows_equal_plain_steps_bitwise(zoo, parents):
+    """On ONNX Runtime's CPU the standard graph's runner pads 1-row calls to 2 rows and verifies a tree chain by
+    chain, so every verify row equals plain decoding of its path bit for bit (the INT8 graphs rely on it)."""
+    from helpers import assert_tree_rows_are_plain_steps
+
+    _, bundle = zoo.get("gqa_nosplit")
+    pipe = Pipeline.from_bundle(bundle, fused=False)
+    assert type(pipe.new_decoder()).__name__ == "PlainDecoder"
+    assert_tree_rows_are_plain_steps(pipe, "Describe the image.", list(range(10, 10 + len(parents))), parents)

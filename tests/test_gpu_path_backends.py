@@ -10,8 +10,8 @@ import pytest
 
 from runtime.backends.ort import provider_list, trt_profile_options
 from runtime.backends.select import provider_in_effect
-from runtime.backends.device import check_cuda_python_version
-from runtime.backends.trt_plan import EngineCache, Plan, engine_key, profile_shapes
+from runtime.backends.memory import check_cuda_python_version
+from runtime.backends.engine_plan import EngineCache, Plan, engine_key, profile_shapes
 from runtime.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def test_engine_cache_rebuilds_for_other_profiles_or_flags(tiny, tmp_path):
 
 
 def test_no_stale_text_about_the_tensorrt_layer_or_cuda_graphs():
-    plan_doc = (ROOT / "runtime" / "backends" / "trt_plan.py").read_text()
+    plan_doc = (ROOT / "runtime" / "backends" / "engine_plan.py").read_text()
     assert "does not exist yet" not in plan_doc
     readme = (ROOT / "README.md").read_text().lower()
     assert not re.search(r"cuda graphs? (are|is) not (done|implemented|yet)|not done\W*:?\W*cuda graphs", readme)

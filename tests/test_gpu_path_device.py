@@ -7,8 +7,9 @@ import gc
 import numpy as np
 import pytest
 
-from runtime.backends.device import DecoderPool, DeviceDecoder, GraphRunner, HostGraphs, HostMemory
-from runtime.backends.trt_plan import Plan
+from runtime.backends.device import DecoderPool, DeviceDecoder, GraphRunner, HostGraphs
+from runtime.backends.memory import HostMemory
+from runtime.backends.engine_plan import Plan
 from runtime.pipeline import Pipeline
 
 from tests.helpers import run_decoder_calls

@@ -16,6 +16,19 @@ def matmul_outputs_quantized(model) -> list[str]:
             and made_by[n.input[0]].op_type == "MatMul"]
 
 
+def activation_dq_inputs(model, node) -> list[str]:
+    """The inputs of ``node`` that are dequantized activations (a DequantizeLinear fed by a QuantizeLinear)."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for i in node.input:
+        dq = made_by.get(i)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = made_by.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                out.append(i)
+    return out
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tiny, tmp_path_factory):
     _, fp32 = tiny
@@ -35,6 +48,8 @@ def test_no_quantize_linear_on_a_matmul_output(int8_bundle):
         matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
         # the quantized MatMuls still get Q/DQ on both inputs (weights and activations)
         assert any(all(i in dq_out for i in n.input) for n in matmuls), name
+        # a MatMul of two activations (attention's QK^T and P.V) stays float: only projections run in INT8
+        assert not [n.name for n in matmuls if len(activation_dq_inputs(model, n)) > 1], name
         assert q_inputs
         checked += 1
     assert checked >= 2  # vision and decoder

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.backends.trt_plan import SUM_DIMS, Plan, Profile, engine_key, profile_shapes
+from runtime.backends.engine_plan import SUM_DIMS, Plan, Profile, engine_key, profile_shapes
 from runtime.bundle import Bundle
 from runtime.engines import main as build_engines_main
 

@@ -21,12 +21,11 @@ def export_fp16(model_dir, out, drafter=None, tree=None):
 
 @pytest.fixture(scope="module")
 def tiny_fp16(tiny, tmp_path_factory):
-    from dream_export.presets.smolvlm_tiny import shipped_drafter
-    from runtime.tree import TreeSpec
+    from dream_export.presets import shipped_defaults
 
     model_dir, _ = tiny
-    drafter, tree = shipped_drafter(model_dir)
-    return export_fp16(model_dir, tmp_path_factory.mktemp("fp16") / "tiny", drafter, TreeSpec.from_json(tree) if tree else None)
+    shipped = shipped_defaults(model_dir)
+    return export_fp16(model_dir, tmp_path_factory.mktemp("fp16") / "tiny", shipped.folder, shipped.tree)
 
 
 def test_fp16_manifest_records_the_decision(tiny_fp16):

@@ -8,8 +8,7 @@ from collections import Counter
 import pytest
 
 from dream_export.errors import DreamExportError
-from dream_export.presets.smolvlm_smollm2.drafter_recipe import instructions
-from dream_export.presets.smolvlm_smollm2.requests import llama_cpp_answers, template_requests
+from dream_export.presets.smolvlm_smollm2.requests import instructions, llama_cpp_answers, template_requests
 
 pytestmark = pytest.mark.slow  # llama.cpp answers on real weights: the full suite runs it, the fast lane does not
 

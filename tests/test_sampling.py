@@ -18,7 +18,7 @@ def tiny_vocab_bundle(tmp_path_factory):
 
     from dream_export.drafter.model import DrafterConfig, DreamDrafter
     from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-    from dream_export.presets.tiny import TinyVLMSpec, build_tiny_vlm
+    from dream_export.presets.smolvlm_tiny.architecture import TinyVLMSpec, build_tiny_vlm
     from helpers import tiny_vocab_tokenizer
 
     root = tmp_path_factory.mktemp("tinyvocab")

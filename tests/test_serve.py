@@ -166,7 +166,7 @@ def test_queue_bound_gives_429(served):
     srv, url, client = served
     msgs = [{"role": "user", "content": "Describe the image."}]
     results = []
-    srv.pipe._lock.acquire()
+    srv.pipe.lock.acquire()
     try:
         threads = []
         for i in range(2):
@@ -182,7 +182,7 @@ def test_queue_bound_gives_429(served):
         with pytest.raises(openai.RateLimitError, match="busy"):
             client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
     finally:
-        srv.pipe._lock.release()
+        srv.pipe.lock.release()
     for t in threads:
         t.join(60)
     assert len(results) == 2 and results[0].choices[0].message.content == results[1].choices[0].message.content
@@ -217,7 +217,7 @@ def test_cli_defaults_and_errors(tmp_path, capsys):
 
 
 def test_parse_messages_pure(images):
-    from runtime.serve import ApiError, parse_messages
+    from runtime.openai_api import ApiError, parse_messages
 
     msgs = parse_messages([{"role": "developer", "content": "x"},
                            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(images["coffee"])}},

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dream_export.scenes import scene_examples
+from dream_export.scenes import EVAL_SEED, scene_examples
 
 pytestmark = pytest.mark.slow  # real weights: the full suite runs it, the fast lane does not
 
-EVAL_SEED = 10_000_000
 TEXT_PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -41,18 +40,15 @@ def _export(model_dir, out, **kw):
     """As ``dream-export --model smolvlm-smollm2 [--cpu-precision P]``: the shipped drafter with the tree and
     runtime defaults shipped for that precision."""
     from dream_export.export.exporter import ExportOptions, export_bundle, load_target
-    from dream_export.presets import shipped_drafter
-    from dream_export.presets.shipped import defaults_for
-    from runtime.tree import TreeSpec
+    from dream_export.presets import shipped_defaults
 
     model, processor = load_target(str(model_dir))
-    shipped = shipped_drafter(model_dir)
-    drafter = shipped[0] if shipped else None
-    tree, runtime, chains = defaults_for(drafter, kw.get("cpu_precision", "fp32")) if drafter else (None, None, None)
-    kw.setdefault("max_chains", chains or 2)
+    shipped = shipped_defaults(model_dir, kw.get("cpu_precision", "fp32"))
+    if shipped.max_chains:
+        kw.setdefault("max_chains", shipped.max_chains)
     return export_bundle(model, processor, {"model": "smolvlm-smollm2"},
-                         ExportOptions(out=out, drafter=drafter, tree=TreeSpec.from_json(tree) if tree else None,
-                                       runtime=runtime, **kw), quiet=True)
+                         ExportOptions(out=out, drafter=shipped.folder, tree=shipped.tree, runtime=shipped.runtime, **kw),
+                         quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +138,9 @@ def test_each_weight_is_stored_once(s2_bundle, s2_model):
     assert all(g["external_data"] == ["weights.bin"] for g in manifest["graphs"].values())
     drafter_bytes = 0
     if manifest.get("drafter"):  # the drafter's own weights in fp32 and its draft-vocabulary rows of the head
-        from dream_export.presets import shipped_drafter
+        from dream_export.presets import shipped_defaults
 
-        folder, _ = shipped_drafter(s2_model)
+        folder = shipped_defaults(s2_model).folder
         with safe_open(str(folder / "model.safetensors"), "np") as f:
             drafter_bytes = sum(int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys())
         cfg = json.loads((folder / "drafter_config.json").read_text())
@@ -202,6 +198,49 @@ def test_speculative_equals_plain(precision, s2_bundle, s2_bundle_int4, tmp_path
     assert tau[8] > tau[0], tau
 
 
+@pytest.fixture(scope="module")
+def s2_bundle_int8(s2_bundle, tmp_path_factory):
+    """As ``dream-export --model smolvlm-smollm2 --precision int8``: the FP32 bundle calibrated into INT8 graphs."""
+    from calibration.int8 import calibrate_bundle
+
+    return calibrate_bundle(s2_bundle, tmp_path_factory.mktemp("s2int8") / "bundle", "scenes:24")
+
+
+def test_int8_on_real_weights_is_lossless_and_keeps_acceptance(s2_bundle, s2_bundle_int8, tmp_path, images):
+    """Real weights at INT8 (SmoothQuant W8A8): the export's checks pass, speculative == plain at that precision,
+    and the acceptance length stays at least 95% of FP32's on the same prompts."""
+    from runtime.pipeline import Pipeline
+
+    manifest = json.loads((Path(s2_bundle_int8) / "manifest.json").read_text())
+    decoder = manifest["graphs"]["decoder"]
+    assert decoder["precision"] == "int8" and decoder["kept_float"]["smoothing"]["smoothed_inputs"] >= 60
+    assert all(c["ok"] for c in manifest["validation"] if c["graph"].endswith("_int8"))
+    p8, p32 = Pipeline.from_bundle(s2_bundle_int8), Pipeline.from_bundle(s2_bundle)
+    assert p8.graphs_in_use(True)[1] == "decoder"  # the INT8 graph itself, not the FP32 fused one
+    tau = {8: [], 32: []}
+    items = [([], p) for p in TEXT_PROMPTS[:6]] + _image_prompts(tmp_path, images, 6)
+    for paths, prompt in items:
+        paths = [str(p) for p in paths]
+        spec = p8.generate(paths, prompt, max_new_tokens=32, speculative=True)
+        assert spec.token_ids == p8.generate(paths, prompt, max_new_tokens=32, speculative=False).token_ids, prompt
+        tau[8] += spec.accept_lengths
+        tau[32] += p32.generate(paths, prompt, max_new_tokens=32, speculative=True).accept_lengths
+    assert np.mean(tau[8]) >= 0.95 * np.mean(tau[32]), {k: np.mean(v) for k, v in tau.items()}
+    assert "Paris" in p8.generate([], TEXT_PROMPTS[0], max_new_tokens=24, speculative=False).text
+
+
+def test_int8_verify_rows_equal_plain_steps_bitwise(s2_bundle_int8):
+    """Real weights at INT8, where a 1-ulp difference flips an activation's rounding: every verify row of chains
+    and branched trees equals plain decoding bit for bit (1-row calls padded to 2, one call per chain)."""
+    from helpers import assert_tree_rows_are_plain_steps
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(s2_bundle_int8)
+    ids = pipe.tokenizer.encode(" The capital of France is Paris, and the capital of Italy is Rome.").ids
+    for parents in ([-1, 0, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 2, 3], [-1, 0, 1, 1, 2, 3]):
+        assert_tree_rows_are_plain_steps(pipe, TEXT_PROMPTS[1], ids[:len(parents)], parents)
+
+
 def test_int4_target_is_smaller_and_still_answers(s2_bundle_int4):
     from runtime.pipeline import Pipeline
 
@@ -238,7 +277,7 @@ def test_merged_lora_equals_peft(tmp_path):
     from conftest import CONFIGS
     from dream_export.presets.smolvlm_smollm2 import apply_trained, lora_names
     from dream_export.presets.smolvlm_smollm2.recipe import RecipeConfig, add_lora, save_adapter, trainable_state
-    from dream_export.presets.tiny import build_tiny_vlm
+    from dream_export.presets.smolvlm_tiny.architecture import build_tiny_vlm
 
     folder = build_tiny_vlm(tmp_path / "tiny", CONFIGS["gqa_nosplit"])
     trained = AutoModelForImageTextToText.from_pretrained(folder)

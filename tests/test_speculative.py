@@ -145,7 +145,7 @@ def test_quantized_draft_graph_is_lossless_and_runs_on_ort_cpu(zoo, images, tmp_
 
     from dream_export.export.exporter import ExportOptions, export_bundle, load_target, set_draft_tree
     from runtime.bundle import Bundle
-    from runtime.speculative import tree_graph_for
+    from runtime.drafter import tree_graph_for
 
     model_dir, _ = zoo.with_drafter("tied_loop", "copy")
     ddir = zoo._built["tied_loop+copy"][2]
@@ -192,7 +192,7 @@ def test_unknown_draft_precision_is_refused(zoo, tmp_path):
 
 
 def test_lookup_continuation_copies_what_followed_the_latest_longest_match():
-    from runtime.speculative import lookup_continuation
+    from runtime.lookup import lookup_continuation
 
     seq = [5, 1, 2, 3, 9, 9, 1, 2, 4, 7, 8, 1, 2]
     # "1 2" occurred twice before the end: the latest one (followed by 4 7 8 ...) wins
@@ -224,7 +224,8 @@ def test_tree_spec_lookup_parses_and_old_manifests_read_the_same():
 def test_select_verifies_only_candidates_above_min_logp():
     import numpy as np
 
-    from runtime.speculative import DraftTree, SpeculativeDecoder
+    from runtime.speculative import SpeculativeDecoder
+    from runtime.tree import DraftTree
 
     #            root  a     b     a1    a2    b1
     tree = DraftTree(np.arange(6), np.array([0.0, -0.2, -1.0, -0.5, -2.5, -1.2]), np.array([-1, 0, 0, 1, 1, 2]),
@@ -244,7 +245,8 @@ def test_lookup_adds_the_copied_chain_to_the_tree_and_it_is_accepted(zoo, images
     import numpy as np
 
     from runtime.sampling import SamplingConfig
-    from runtime.speculative import LOOKUP_LOGP, SpeculativeDecoder, lookup_continuation
+    from runtime.lookup import LOOKUP_LOGP, lookup_continuation
+    from runtime.speculative import SpeculativeDecoder
 
     _, bundle = zoo.with_drafter("tied_loop", "random")
     pipe = Pipeline.from_bundle(bundle)

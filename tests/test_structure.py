@@ -121,10 +121,10 @@ def _private_imports(source: str, module: str) -> list[str]:
 
 
 def test_private_imports_are_found():
-    src = "from .validate import _session, check\nfrom onnx import _private\nfrom runtime.kv import _Grow\n"
+    src = "from .validate import _session, check\nfrom onnx import _private\nfrom runtime.kv import _Hidden\n"
     assert _private_imports(src, "dream_export.export.draft_tree") == [
         "dream_export.export.draft_tree: from dream_export.export.validate import _session",
-        "dream_export.export.draft_tree: from runtime.kv import _Grow"]
+        "dream_export.export.draft_tree: from runtime.kv import _Hidden"]
 
 
 def test_no_private_name_is_imported_across_modules():

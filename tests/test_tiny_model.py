@@ -4,22 +4,20 @@ and its shipped DREAM drafter decodes losslessly with a real acceptance length."
 import numpy as np
 from PIL import Image
 
-from dream_export.scenes import COLORS, Scene, grade, qa_pairs, random_scene, scene_examples
-
-EVAL_SEED = 10_000_000  # never used in training (training seeds are below 10,000,000)
+from dream_export.scenes import COLORS, EVAL_SEED, Scene, grade, qa_pairs, random_scene, scene_examples
 
 
 def test_shipped_weights_load_offline(monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from dream_export.presets.smolvlm_tiny import SHIPPED
+    from dream_export.presets.smolvlm_tiny import MODEL_DIR
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = AutoModelForImageTextToText.from_pretrained(SHIPPED)
+    model = AutoModelForImageTextToText.from_pretrained(MODEL_DIR)
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
     assert model.config.text_config.num_hidden_layers >= 12
-    assert AutoProcessor.from_pretrained(SHIPPED).image_processor.do_image_splitting
-    assert (SHIPPED / "model.safetensors").stat().st_size < 40 * 2**20
+    assert AutoProcessor.from_pretrained(MODEL_DIR).image_processor.do_image_splitting
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 40 * 2**20
 
 
 def test_bundle_answers_equal_transformers(tiny, tmp_path):

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor, Idefics3ForConditionalGeneration
 
-from dream_export.presets.tiny import build_tiny_vlm
+from dream_export.presets.smolvlm_tiny.architecture import build_tiny_vlm
+from dream_export.presets.smolvlm_tiny.recipe import TINY_SPEC
 from dream_export.targets import adapter_for
-from dream_export.train_tiny import TINY_SPEC, ScenePool, shared_prefix_batch, text_logits
+from dream_export.train.scene_training import ScenePool, shared_prefix_batch, text_logits
 from runtime.preprocess import Idefics3Preprocessor
 
 

@@ -104,18 +104,46 @@ def _commit(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quiet: bool = False) -> Path:
-    from ..targets import adapter_for
+@dataclass
+class _Target:
+    """What the exporter reads off the target once: its adapter, text shapes and the graphs' I/O specs."""
 
+    adapter: object
+    tcfg: object
+    head_dim: int
+    kv_heads: int
+    num_layers: int
+    vocab: int
+    hidden: int
+    rope_axes: int
+    v_spec: object
+    v_examples: list
+    d_spec: object
+    f_spec: object        # the traced fused ORT-CPU decoder's spec, or None
+    written: bool         # the written ORT-CPU decoder (export/cpu_decoder.py) replaces the fused one
+    gpu_graphs: bool      # keep the float graphs TensorRT builds from
+    embed_scale: float
+    emb: np.ndarray       # token embeddings [V, H]
+
+
+def _checked_options(opts: ExportOptions) -> ExportOptions:
     from .precision import PRECISIONS
 
     if opts.precision not in PRECISIONS:
         hint = ("INT8 graphs are calibrated from an FP32 bundle by calibration.int8.calibrate_bundle "
                 "(dream-export --precision int8 does both); " if opts.precision == "int8" else "")
         raise DreamExportError(f"precision {opts.precision!r}: {hint}export_bundle expects one of {', '.join(PRECISIONS)}")
+    if opts.head_bits not in (None, 4, 8):
+        raise DreamExportError(f"head_bits={opts.head_bits}: expected 4 or 8")
     if opts.draft_precision is None:  # a CPU target's drafter at the same weight precision
         opts = replace(opts, draft_precision=opts.cpu_precision if opts.cpu_precision in ("int8", "int4") else "fp32")
-    stages = _Stages([], quiet=quiet)
+    return opts
+
+
+def _read_target(model, processor, opts: ExportOptions) -> _Target:
+    from ..targets import adapter_for
+    from .cpu_decoder import unsupported
+
     adapter = adapter_for(model, processor)
     set_eager_attention(model)
     tcfg = adapter.text_config
@@ -124,131 +152,54 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
     num_layers = len(adapter.decoder_layers())
     vocab = adapter.lm_head().weight.shape[0]
     hidden = tcfg.hidden_size
-    pre = adapter.preprocessing()
     v_spec, v_examples = adapter.vision_graph(hidden, opts.seed)  # the graph's I/O and the feeds it is checked on
     rope_axes = adapter.rope_axes()
-    d_spec = decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes)
-    from .cpu_decoder import unsupported
-
-    written = opts.cpu_precision != "fp32" and unsupported(adapter) is None  # export/cpu_decoder.py
+    written = opts.cpu_precision != "fp32" and unsupported(adapter) is None
     if written and not 1 <= opts.max_chains <= 8:
         raise DreamExportError(f"max_chains={opts.max_chains}: expected 1..8 root-to-leaf chains per verify call")
-    if opts.head_bits not in (None, 4, 8):
-        raise DreamExportError(f"head_bits={opts.head_bits}: expected 4 or 8")
     fused_ok = opts.fused_cpu_graph and adapter.fused_cpu_graph() and not written
-    f_spec = fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes) if fused_ok else None
     gpu_graphs = opts.gpu_graphs if opts.gpu_graphs is not None else opts.cpu_precision == "fp32"
     if not gpu_graphs and not written:
         raise DreamExportError(f"a CPU-only bundle needs the written ORT-CPU decoder (--cpu-precision int8|int4 on a "
                                f"family it supports); this target: {unsupported(adapter) or 'cpu precision fp32'}")
-    embed_scale = adapter.embed_scale()
+    return _Target(adapter, tcfg, head_dim, kv_heads, num_layers, vocab, hidden, rope_axes, v_spec, v_examples,
+                   decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes),
+                   fused_decoder_spec(num_layers, kv_heads, head_dim, hidden, vocab, rope_axes) if fused_ok else None,
+                   written, gpu_graphs, adapter.embed_scale(), adapter.embed_tokens().weight.detach().float().numpy())
 
-    emb = adapter.embed_tokens().weight.detach().float().numpy()
-    sample = adapter.validation_sample()
+
+def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quiet: bool = False) -> Path:
+    """Export ``model`` into a checked bundle at ``opts.out``: every graph is checked against PyTorch before the
+    bundle is written; nothing is half-written (a temp folder, renamed into place at the end)."""
+    opts = _checked_options(opts)
+    stages = _Stages([], quiet=quiet)
+    t = _read_target(model, processor, opts)
     tmp = _prepare_out(opts.out, opts.force)
     try:
-        checks = []
-        graphs = {}
-        with stages.stage("vision tower + connector → vision.onnx"):
-            vision = adapter.vision_module().eval()
-            biggest = max(v_examples, key=lambda e: e[1][v_spec.inputs[0].name].size)[1]  # no size-1 dims to bake in
-            example = tuple(torch.from_numpy(biggest[t.name]) for t in v_spec.inputs)
-            export_graph(vision, v_spec, example, tmp / v_spec.file)
-        with stages.stage("check vision.onnx against PyTorch"):
-            checks += validate_vision(vision, v_spec, tmp / v_spec.file, v_examples)
-        with stages.stage(f"text decoder ({num_layers} layers) → decoder.onnx"):
-            decoder = DecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
-            args = _decoder_dummy(d_spec, past_len=3, q_len=2)
-            export_graph(decoder, d_spec, args, tmp / d_spec.file)
-        with stages.stage("check decoder.onnx against PyTorch (a real prompt, a step, a 16-token tree of real tokens)"):
-            cases = decoder_cases(d_spec, emb * np.float32(embed_scale), sample, tmp / d_spec.file, opts.seed)
-            checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, cases)
-        if f_spec is not None:
-            with stages.stage("ORT-CPU decoder (fused GroupQueryAttention, in-place KV) → decoder_ort_cpu.onnx"):
-                fused = FusedDecoderGraph(adapter, d_spec.extra["mask_min"]).eval()
-                args = _decoder_dummy(d_spec, past_len=3, q_len=2, capacity=8)
-                export_graph(fused, f_spec, args, tmp / f_spec.file)
-            with stages.stage("check decoder_ort_cpu.onnx against the PyTorch decoder"):
-                checks += validate_fused_decoder(decoder, f_spec, tmp / f_spec.file, cases)
-            if opts.cpu_precision != "fp32":
-                f_spec, q_checks = _quantize_cpu_decoder(f_spec, tmp, cases, opts.cpu_precision, stages)
-                checks += q_checks
-        cpu_specs, cpu_arrays = [], {}
-        if written:
-            from .cpu_decoder import export_cpu_decoders
-
-            cpu_specs, c_checks, cpu_arrays = export_cpu_decoders(adapter, decoder, d_spec, cases, tmp, opts.cpu_precision,
-                                                                  opts.head_bits, opts.max_chains, stages)
-            checks += c_checks
-        if opts.precision != "fp32":
-            v_spec, d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, v_examples, stages)
-            checks += p_checks
+        checks, graphs, cpu_specs, cpu_arrays = _export_target_graphs(t, opts, tmp, stages)
         drafter_info = None
         if opts.drafter is not None:
-            drafter_info, dr_specs, dr_checks = _export_drafter(adapter, opts, tmp, stages)
+            drafter_info, dr_specs, dr_checks = _export_drafter(t.adapter, opts, tmp, stages)
             checks += dr_checks
             for spec in dr_specs:
                 graphs[spec.name] = _inventory_checked(spec, tmp)
         _print_checks(stages, checks)
         raise_on_mismatch(checks)
-        if not gpu_graphs:  # a CPU-only bundle: the float graphs were the written decoder's reference, nothing more
-            (tmp / d_spec.file).unlink()
-            d_spec = None
-            if drafter_info and drafter_info.get("tree_graph_ort_cpu"):
-                (tmp / graphs.pop(drafter_info["tree_graph"])["file"]).unlink()
-                drafter_info["tree_graph"] = None
-            if drafter_info and opts.draft_precision != "fp32":
-                graphs["drafter"] = _quantize_stepwise_drafter(graphs["drafter"], tmp, opts.draft_precision, stages)
-        for spec in (v_spec, d_spec, f_spec, *cpu_specs):
+        if not t.gpu_graphs:
+            _drop_float_graphs(t, opts, graphs, drafter_info, tmp, stages)
+        for spec in (t.v_spec, t.d_spec, t.f_spec, *cpu_specs):
             if spec is not None:
                 graphs[spec.name] = _inventory_checked(spec, tmp)
         with stages.stage("one copy of every weight (graphs share weights.bin)"):
-            arrays = {k: np.asarray(v, np.float32) for k, v in adapter.extra_arrays().items()}  # e.g. LLaVA-NeXT's image_newline
-            token_rows = {"embed_tokens": emb} if gpu_graphs else {}  # the written decoder's runtime reads quantized rows
+            arrays = {k: np.asarray(v, np.float32) for k, v in t.adapter.extra_arrays().items()}  # e.g. LLaVA-NeXT's image_newline
+            token_rows = {"embed_tokens": t.emb} if t.gpu_graphs else {}  # the written decoder's runtime reads quantized rows
             placed, used = share_weights(tmp, [g["file"] for g in graphs.values()],
                                          extra={**token_rows, **cpu_arrays, **arrays})
             for g in graphs.values():
                 g["external_data"] = sorted(used[g["file"]])
         with stages.stage("tokenizer, manifest"):
-            (tmp / "tokenizer.json").write_text(adapter.tokenizer_json())
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "toolkit_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "source": {**source_info, "family": adapter.family},
-                "text": {
-                    "hidden_size": hidden,
-                    "vocab_size": vocab,
-                    "num_layers": num_layers,
-                    "kv_heads": kv_heads,
-                    "head_dim": head_dim,
-                    "max_positions": int(tcfg.max_position_embeddings),
-                    "num_heads": int(tcfg.num_attention_heads),
-                    "intermediate_size": int(getattr(tcfg, "intermediate_size", 0) or 4 * hidden),
-                    "embed_scale": embed_scale,                      # token rows are multiplied by it
-                    "attention_windows": adapter.attention_windows(),  # applied inside the decoder graph
-                    "image_attention": adapter.image_attention(),      # the runtime's prompt mask rule
-                    "rope_axes": rope_axes,                            # 3: M-RoPE position ids (runtime/rope.py)
-                },
-                "graphs": graphs,
-                "embeddings": placed["embed_tokens"] if gpu_graphs else None,
-                # the written ORT-CPU decoder's model: token rows quantized as its LM head; its rotary tables
-                "embeddings_cpu": _quantized_embeddings(placed, cpu_specs[0], hidden) if written else None,
-                "rope_tables": {"cos": placed["rope_cos"], "sin": placed["rope_sin"]} if written else None,
-                "arrays": {k: placed[k] for k in arrays},  # what the family's preprocessing needs at run time
-                "tokenizer": {"file": "tokenizer.json"},
-                "preprocessing": pre,
-                "chat_template": adapter.chat_template(),
-                "chat_template_vars": adapter.chat_template_vars(),
-                "special_tokens": {"stop_token_ids": adapter.stop_token_ids(), "image_token_id": adapter.image_token_id},
-                "precision": opts.precision,
-                "tree": (opts.tree or TreeSpec()).to_json() if drafter_info else None,
-                "drafter": drafter_info,
-                "validation": [c_.__dict__ for c_ in checks],
-            }
-            if opts.runtime and drafter_info:
-                manifest["runtime"] = dict(opts.runtime)
+            (tmp / "tokenizer.json").write_text(t.adapter.tokenizer_json())
+            manifest = _manifest(t, opts, source_info, graphs, placed, arrays, cpu_specs, drafter_info, checks)
             manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             tmp_manifest = tmp / (MANIFEST + ".part")
             tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -262,6 +213,102 @@ def export_bundle(model, processor, source_info: dict, opts: ExportOptions, quie
         raise
     stages.print(f"[bold green]bundle written:[/] {opts.out}")
     return opts.out
+
+
+def _export_target_graphs(t: _Target, opts: ExportOptions, tmp: Path, stages):
+    """The vision and decoder graphs, each checked against PyTorch: the standard decoder, then the ORT-CPU one
+    (traced fused, or written for int8/int4), then the FP16 twins. Returns (checks, graphs so far, the written
+    decoder's specs, its arrays); ``t``'s specs are updated to what the bundle keeps."""
+    checks, graphs = [], {}
+    v_spec, d_spec = t.v_spec, t.d_spec
+    with stages.stage("vision tower + connector → vision.onnx"):
+        vision = t.adapter.vision_module().eval()
+        biggest = max(t.v_examples, key=lambda e: e[1][v_spec.inputs[0].name].size)[1]  # no size-1 dims to bake in
+        example = tuple(torch.from_numpy(biggest[i.name]) for i in v_spec.inputs)
+        export_graph(vision, v_spec, example, tmp / v_spec.file)
+    with stages.stage("check vision.onnx against PyTorch"):
+        checks += validate_vision(vision, v_spec, tmp / v_spec.file, t.v_examples)
+    with stages.stage(f"text decoder ({t.num_layers} layers) → decoder.onnx"):
+        decoder = DecoderGraph(t.adapter, d_spec.extra["mask_min"]).eval()
+        export_graph(decoder, d_spec, _decoder_dummy(d_spec, past_len=3, q_len=2), tmp / d_spec.file)
+    with stages.stage("check decoder.onnx against PyTorch (a real prompt, a step, a 16-token tree of real tokens)"):
+        cases = decoder_cases(d_spec, t.emb * np.float32(t.embed_scale), t.adapter.validation_sample(),
+                              tmp / d_spec.file, opts.seed)
+        checks += validate_decoder(decoder, d_spec, tmp / d_spec.file, cases)
+    if t.f_spec is not None:
+        with stages.stage("ORT-CPU decoder (fused GroupQueryAttention, in-place KV) → decoder_ort_cpu.onnx"):
+            fused = FusedDecoderGraph(t.adapter, d_spec.extra["mask_min"]).eval()
+            export_graph(fused, t.f_spec, _decoder_dummy(d_spec, past_len=3, q_len=2, capacity=8), tmp / t.f_spec.file)
+        with stages.stage("check decoder_ort_cpu.onnx against the PyTorch decoder"):
+            checks += validate_fused_decoder(decoder, t.f_spec, tmp / t.f_spec.file, cases)
+        if opts.cpu_precision != "fp32":
+            t.f_spec, q_checks = _quantize_cpu_decoder(t.f_spec, tmp, cases, opts.cpu_precision, stages)
+            checks += q_checks
+    cpu_specs, cpu_arrays = [], {}
+    if t.written:
+        from .cpu_decoder import export_cpu_decoders
+
+        cpu_specs, c_checks, cpu_arrays = export_cpu_decoders(t.adapter, decoder, d_spec, cases, tmp, opts.cpu_precision,
+                                                              opts.head_bits, opts.max_chains, stages)
+        checks += c_checks
+    if opts.precision != "fp32":
+        t.v_spec, t.d_spec, p_checks = _fp16_graphs(v_spec, d_spec, tmp, cases, t.v_examples, stages)
+        checks += p_checks
+    return checks, graphs, cpu_specs, cpu_arrays
+
+
+def _drop_float_graphs(t: _Target, opts: ExportOptions, graphs: dict, drafter_info, tmp: Path, stages) -> None:
+    """A CPU-only bundle: the float graphs were the written decoder's reference, nothing more."""
+    (tmp / t.d_spec.file).unlink()
+    t.d_spec = None
+    if drafter_info and drafter_info.get("tree_graph_ort_cpu"):
+        (tmp / graphs.pop(drafter_info["tree_graph"])["file"]).unlink()
+        drafter_info["tree_graph"] = None
+    if drafter_info and opts.draft_precision != "fp32":
+        graphs["drafter"] = _quantize_stepwise_drafter(graphs["drafter"], tmp, opts.draft_precision, stages)
+
+
+def _manifest(t: _Target, opts: ExportOptions, source_info: dict, graphs: dict, placed: dict, arrays: dict,
+              cpu_specs: list, drafter_info, checks) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {**source_info, "family": t.adapter.family},
+        "text": {
+            "hidden_size": t.hidden,
+            "vocab_size": t.vocab,
+            "num_layers": t.num_layers,
+            "kv_heads": t.kv_heads,
+            "head_dim": t.head_dim,
+            "max_positions": int(t.tcfg.max_position_embeddings),
+            "num_heads": int(t.tcfg.num_attention_heads),
+            "intermediate_size": int(getattr(t.tcfg, "intermediate_size", 0) or 4 * t.hidden),
+            "embed_scale": t.embed_scale,                      # token rows are multiplied by it
+            "attention_windows": t.adapter.attention_windows(),  # applied inside the decoder graph
+            "image_attention": t.adapter.image_attention(),      # the runtime's prompt mask rule
+            "rope_axes": t.rope_axes,                            # 3: M-RoPE position ids (runtime/rope.py)
+        },
+        "graphs": graphs,
+        "embeddings": placed["embed_tokens"] if t.gpu_graphs else None,
+        # the written ORT-CPU decoder's model: token rows quantized as its LM head; its rotary tables
+        "embeddings_cpu": _quantized_embeddings(placed, cpu_specs[0], t.hidden) if t.written else None,
+        "rope_tables": {"cos": placed["rope_cos"], "sin": placed["rope_sin"]} if t.written else None,
+        "arrays": {k: placed[k] for k in arrays},  # what the family's preprocessing needs at run time
+        "tokenizer": {"file": "tokenizer.json"},
+        "preprocessing": t.adapter.preprocessing(),
+        "chat_template": t.adapter.chat_template(),
+        "chat_template_vars": t.adapter.chat_template_vars(),
+        "special_tokens": {"stop_token_ids": t.adapter.stop_token_ids(), "image_token_id": t.adapter.image_token_id},
+        "precision": opts.precision,
+        "tree": (opts.tree or TreeSpec()).to_json() if drafter_info else None,
+        "drafter": drafter_info,
+        "validation": [c_.__dict__ for c_ in checks],
+    }
+    if opts.runtime and drafter_info:
+        manifest["runtime"] = dict(opts.runtime)
+    return manifest
 
 
 def _quantize_stepwise_drafter(entry: dict, folder: Path, precision: str, stages) -> dict:
@@ -359,10 +406,10 @@ def _export_drafter(adapter, opts: ExportOptions, tmp: Path, stages):
         )
     tree = opts.tree or TreeSpec()
     spec = drafter_spec(drafter.past_shapes(), cfg.hidden_size, cfg.draft_vocab_size, tree.to_json())
-    from ..drafter.lean import LeanDrafter
+    from ..drafter.exported import ExportedDrafter
 
     with stages.stage("DREAM drafter → drafter.onnx"):
-        export_graph(DrafterGraph(LeanDrafter(drafter)).eval(), spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
+        export_graph(DrafterGraph(ExportedDrafter(drafter)).eval(), spec, drafter_dummy(cfg, drafter.past_shapes()), tmp / spec.file)
     with stages.stage("check drafter.onnx against the PyTorch drafter (catch-up, step, tree level)"):
         checks = validate_drafter(DrafterGraph(drafter).eval(), cfg, spec, tmp / spec.file, opts.seed)
     graph_precision = draft_float(opts)
@@ -411,16 +458,16 @@ def _export_draft_tree(drafter, embed_weight, drafter_spec_, tree: TreeSpec, fol
     from .drafter_export import drafter_dummy
     from .quantize import PRECISIONS, quantize_matmuls
 
-    from ..drafter.lean import LeanDrafter
+    from ..drafter.exported import ExportedDrafter
 
     if precision not in PRECISIONS:
         raise DreamExportError(f"draft precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     t_spec = draft_tree_spec(drafter_spec_, tree.depth, tree.top_k)
     mask_min = drafter_spec_.extra["mask_min"]
-    lean = DraftTreeGraph(LeanDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min, embed_scale).eval()
+    exported = DraftTreeGraph(ExportedDrafter(drafter), embed_weight, tree.depth, tree.top_k, mask_min, embed_scale).eval()
     reference = DraftTreeGraph(drafter, embed_weight, tree.depth, tree.top_k, mask_min, embed_scale).eval()
     with stages.stage(f"draft step in one graph (catch-up + depth {tree.depth}, top-{tree.top_k} tree) → {t_spec.file}"):
-        export_graph(lean, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
+        export_graph(exported, t_spec, drafter_dummy(drafter.config, drafter.past_shapes()), folder / t_spec.file)
     with stages.stage(f"check {t_spec.file} against the PyTorch drafter (prompt catch-up, step catch-up)"):
         checks = validate_draft_tree(reference, drafter.config, t_spec, folder / t_spec.file, seed)
     if PRECISIONS[precision]:

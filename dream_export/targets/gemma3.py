@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DreamExportError
 from .base import TargetAdapter, register_adapter, stacked_features
-from .llava import clip_preprocessing
+from .shared import clip_preprocessing
 
 
 class _Gemma3Vision(nn.Module):

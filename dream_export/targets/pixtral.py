@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DreamExportError
 from .base import TargetAdapter, pixel_rules, register_adapter, stacked_features
-from .llava import LlavaVision
+from .shared import LlavaVision
 
 
 def _side(value) -> int:

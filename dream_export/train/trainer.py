@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..drafter.config import DrafterConfig, load_strict
 from ..drafter.model import DreamDrafter, build_drafter, full_sequence_masks
+from ..errors import DreamExportError
 
 
 @dataclass
@@ -166,52 +167,22 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
     drafter = build_drafter(cfg, model.lm_head.weight)
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    state = {"step": 0, "history": []}
     ckpt = out / "checkpoint"
-    if (ckpt / "state.json").exists():
-        from safetensors.torch import load_file
-
-        load_strict(drafter, load_file(ckpt / "model.safetensors"), str(ckpt))
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
-        state = json.loads((ckpt / "state.json").read_text())
-    elif opts.init is not None:
-        from safetensors.torch import load_file
-
-        init = Path(opts.init)
-        have = DrafterConfig.load(init)
-        if (have.arch, have.hidden_size, have.intermediate_size) != (cfg.arch, cfg.hidden_size, cfg.intermediate_size):
-            from ..errors import DreamExportError
-
-            raise DreamExportError(f"{init}: drafter {have.arch} {have.hidden_size}x{have.intermediate_size} cannot "
-                                   f"start a {cfg.arch} {cfg.hidden_size}x{cfg.intermediate_size} one")
-        load_strict(drafter, {k: v.float() for k, v in load_file(init / "model.safetensors").items()}, str(init))
+    state = start_state(drafter, opt, ckpt, opts, cfg)
     accel = Accelerator() if Accelerator is not None else None
     if accel is not None:
         drafter, opt = accel.prepare(drafter, opt)
     raw = drafter.module if hasattr(drafter, "module") else drafter
     gen = torch.Generator().manual_seed(opts.seed + state["step"])
     started = time.time()
+    end = min(opts.steps, opts.stop_step or opts.steps)
     with Progress(TextColumn("[bold]dream-train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False) as progress:
         task = progress.add_task("train", total=opts.steps, completed=state["step"], info="")
-        while state["step"] < min(opts.steps, opts.stop_step or opts.steps):
+        while state["step"] < end:
             if opts.max_minutes and (time.time() - started) > 60 * opts.max_minutes:
                 break
-            raw.train()
-            lr = opts.lr * min(1.0, (state["step"] + 1) / opts.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * state["step"] / opts.steps)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad()
-            stats = {}
-            idx = torch.randint(len(examples), (opts.batch,), generator=gen)
-            for i in idx.tolist():
-                loss, st = sequence_loss(raw, examples[i], opts, image_token_id, gen)
-                loss = loss / opts.batch
-                (accel.backward(loss) if accel is not None else loss.backward())
-                for k, v in st.items():
-                    stats[k] = stats.get(k, 0.0) + v / opts.batch
-            torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            opt.step()
+            stats = train_step(raw, opt, params, examples, opts, state["step"], image_token_id, gen, accel)
             state["step"] += 1
             info = f"kl {stats['kl']:.3f} acc1 {stats['acc1']:.2f}"
             if heldout and (state["step"] % opts.eval_every == 0 or state["step"] == opts.steps):
@@ -219,17 +190,62 @@ def train_drafter(model, examples: list[dict], heldout: list[dict], opts: TrainO
                 state["history"].append({"step": state["step"], "heldout_accept_len": acc, **stats})
                 info += f" | held-out accept len {acc:.2f}"
             progress.update(task, completed=state["step"], info=info)
-            last = state["step"] == min(opts.steps, opts.stop_step or opts.steps)
-            if state["step"] % opts.ckpt_every == 0 or last:
+            if state["step"] % opts.ckpt_every == 0 or state["step"] == end:
                 _save_checkpoint(ckpt, raw, opt, state)
     if heldout and state["step"] and (not state["history"] or state["history"][-1]["step"] != state["step"]):
         # stopped by the clock or at stop_step: the held-out acceptance of what is saved
         state["history"].append({"step": state["step"], "heldout_accept_len": chain_acceptance(raw, heldout, image_token_id, opts.keep_visual)})
         _save_checkpoint(ckpt, raw, opt, state)
+    return save_final(out, raw, opts, state)
+
+
+def start_state(drafter, opt, ckpt: Path, opts: TrainOptions, cfg: DrafterConfig) -> dict:
+    """The training state to go on from: OUT's checkpoint when there is one (weights and optimizer loaded), else
+    step 0, from ``opts.init``'s weights when given."""
+    from safetensors.torch import load_file
+
+    if (ckpt / "state.json").exists():
+        load_strict(drafter, load_file(ckpt / "model.safetensors"), str(ckpt))
+        opt.load_state_dict(torch.load(ckpt / "optim.pt", weights_only=True))
+        return json.loads((ckpt / "state.json").read_text())
+    if opts.init is not None:
+        init = Path(opts.init)
+        have = DrafterConfig.load(init)
+        if (have.arch, have.hidden_size, have.intermediate_size) != (cfg.arch, cfg.hidden_size, cfg.intermediate_size):
+            raise DreamExportError(f"{init}: drafter {have.arch} {have.hidden_size}x{have.intermediate_size} cannot "
+                                   f"start a {cfg.arch} {cfg.hidden_size}x{cfg.intermediate_size} one")
+        load_strict(drafter, {k: v.float() for k, v in load_file(init / "model.safetensors").items()}, str(init))
+    return {"step": 0, "history": []}
+
+
+def train_step(drafter: DreamDrafter, opt, params: list, examples: list[dict], opts: TrainOptions, step: int,
+               image_token_id: int, gen: torch.Generator, accel=None) -> dict:
+    """One optimizer step over ``opts.batch`` examples drawn with ``gen`` (warm-up, then cosine decay to 10%); the
+    batch's mean loss statistics."""
+    drafter.train()
+    lr = opts.lr * min(1.0, (step + 1) / opts.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / opts.steps)))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad()
+    stats = {}
+    idx = torch.randint(len(examples), (opts.batch,), generator=gen)
+    for i in idx.tolist():
+        loss, st = sequence_loss(drafter, examples[i], opts, image_token_id, gen)
+        loss = loss / opts.batch
+        (accel.backward(loss) if accel is not None else loss.backward())
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v / opts.batch
+    torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+    opt.step()
+    return stats
+
+
+def save_final(out: Path, drafter, opts: TrainOptions, state: dict) -> Path:
+    """OUT/drafter: the drafter (``DreamDrafter.save``) and its training.json (options and state), replaced atomically."""
     final = out / "drafter"
     tmp = out / "drafter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw.save(tmp)
+    drafter.save(tmp)
     (tmp / "training.json").write_text(json.dumps({"options": {k: str(v) for k, v in asdict(opts).items()}, "state": state}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -10,9 +10,12 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..errors import BundleError
-from ..onnx_refs import ProtobufError, external_data_locations
+from ..onnx_external_data import ProtobufError, external_data_locations
 from ..ort_threads import session_options
 from .base import Backend
+from .device import DeviceDecoder, OrtPointerExecutor
+from .engine_plan import Plan, profile_shapes
+from .memory import CudaMemory, HostMemory, cudart_module
 
 
 def check_external_data(bundle, name: str, path) -> None:
@@ -54,8 +57,6 @@ class OrtBackend(Backend):
         if self.ort_cpu:
             return False
         try:
-            from .device import cudart_module
-
             cudart_module()
             return True
         except ImportError:
@@ -63,17 +64,12 @@ class OrtBackend(Backend):
 
     def memory(self):
         if not hasattr(self, "_memory"):
-            from .device import CudaMemory, HostMemory
-
             self._memory = HostMemory() if self.ort_cpu else CudaMemory(self.device_id)
         return self._memory
 
     def device_decoder(self, capacity: int, bucket: int | None = None):
         """The ``decoder`` graph with K/V resident in this backend's memory, bound by pointer through IOBinding.
         ``bucket``: pad steps' and verifies' past as the TensorRT backend does for CUDA graphs (tests run it here)."""
-        from .device import DeviceDecoder, OrtPointerExecutor
-        from .trt_plan import Plan
-
         plan = Plan.from_manifest(self.bundle.manifest)
         execute = OrtPointerExecutor(self.session("decoder"), self.memory())
         n = int((self.bundle.manifest.get("tree") or {"total_tokens": 1})["total_tokens"])
@@ -120,11 +116,9 @@ class OrtTrtBackend(OrtBackend):
 
 
 def trt_profile_options(bundle, graph: str) -> dict:
-    """ONNX Runtime TensorRT provider options with the graph's optimization profiles (``trt_plan.Plan``): without
+    """ONNX Runtime TensorRT provider options with the graph's optimization profiles (``engine_plan.Plan``): without
     them the provider builds an engine for the shapes it first sees and rebuilds it whenever the past grows past
     them. Format: ``name:d0xd1x...`` comma-separated; an input listed again starts the next profile."""
-    from .trt_plan import Plan, profile_shapes
-
     plan = Plan.from_manifest(bundle.manifest)
     if graph not in plan.profiles:
         return {}

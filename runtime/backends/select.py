@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from ..errors import BundleError
 from .base import ALIASES, BACKENDS, TRT_MINIMUM, Backend, BackendUnavailable
+from .memory import cudart_module
 
 
 def _trt_versions(trt_version: str | None = "probe", cuda_python: bool | None = None) -> tuple[str | None, bool]:
     if trt_version == "probe":
         try:
-            import tensorrt
+            import tensorrt  # optional: probed only when asked which backend to use
 
             trt_version = tensorrt.__version__
         except ImportError:
             trt_version = None
     if cuda_python is None:
         try:
-            from .device import cudart_module
-
             cudart_module()
             cuda_python = True
         except ImportError:
@@ -35,14 +34,14 @@ def resolve_backend(backend: str, providers: list[str] | None = None, trt_versio
     """(the backend to use, why). ``auto`` takes ONNX Runtime's TensorRT provider, then its CUDA provider, then
     this project's own TensorRT backend (when TensorRT and cuda-python are installed), then the CPU. The native
     TensorRT backend comes after ONNX Runtime's providers because it has never been run on a GPU: only what it
-    decides (``trt_plan``, ``device``) is tested, on the CPU. Explicit names are checked here, before anything
-    is loaded or written, and refused with one line naming what is missing. ``providers`` / ``trt_version`` /
-    ``cuda_python`` default to what this machine has (for tests)."""
+    decides (``engine_plan``, ``device``, ``memory``) is tested, on the CPU. Explicit names are checked here,
+    before anything is loaded or written, and refused with one line naming what is missing. ``providers`` /
+    ``trt_version`` / ``cuda_python`` default to what this machine has (for tests)."""
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:
         raise BundleError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)} (or ort = ort-cpu)")
     if providers is None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # at first use: see the module docstring
 
         providers = list(ort.get_available_providers())
     if name == "auto":

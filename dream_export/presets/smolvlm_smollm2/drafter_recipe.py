@@ -29,7 +29,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import SHIPPED_DRAFTER
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...drafter.model import DrafterConfig, DreamDrafter
+from ...export.exporter import load_target
+from ...train.cli import weights_digest
+from ...train.data import Sample, chat_text, load_samples
+from ...train.features import build_cache, load_examples
+from ...train.selfinstruct import OPENERS, cached_self_instructions
+from ...train.trainer import TrainOptions, agreement, train_drafter
+from . import DRAFTER_DIR, ensure_smolvlm_smollm2
 from .requests import instructions, llama_cpp_answers, template_requests
 
 BASE = {"scenes": 400, "seed": 0, "steps": 3000, "lr": 1e-3, "batch": 8, "heldout": 24, "max_new_tokens": 128,
@@ -49,7 +60,7 @@ RECIPES = {
     # "Explain", "Write", ...: questions and tasks, not only "I need ..." statements), started from v3's weights.
     # Measured: held-out chain acceptance 2.43 (v3 2.29); agreement on the 80 held-out instructions top-1 42.0%,
     # top-4 63.8% (v3 38.8%, 59.4%); but τ on the benchmark's 12 held-out instructions moved within noise
-    # (8,3,2: 1.94 vs 1.99; 12,4,3: 2.23 vs 2.12; 169 tokens), so v3 still ships
+    # (8,3,2: 1.94 vs 1.99; 12,4,3: 2.23 vs 2.12; 169 tokens), so v4 did not ship (v3 stayed until v5)
     "v4": {**BASE, "steps": 1500, "lr": 5e-4, "prompt_loss": True, "fill_vocab": True, "selfinstruct": 2000,
            "selfinstruct_more": {"n": 3000, "seed": 1, "openers": True}, "init": "v3"},
     # v4's data plus the ~2,100 template requests of ``requests.py`` (facts, how-tos, stories, comparisons, code,
@@ -61,8 +72,8 @@ RECIPES = {
            "selfinstruct_more": {"n": 3000, "seed": 1, "openers": True},
            "template_requests": {"seed": 0, "max_new_tokens": 96}, "init": "v4"},
 }
-SHIPPED = "v5"
-RECIPE = RECIPES[SHIPPED]
+SHIPPED_RECIPE = "v5"
+RECIPE = RECIPES[SHIPPED_RECIPE]
 
 
 def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_size: int, skip: set[int],
@@ -89,13 +100,7 @@ def draft_vocabulary(examples: list[dict], size: int, always: list[int], vocab_s
     return sorted(chosen)
 
 
-def train(out: Path, steps: int | None = None, recipe: str = SHIPPED) -> Path:
-    import numpy as np
-    import torch
-
-    from ...drafter.model import DrafterConfig
-    from ...train.trainer import TrainOptions, train_drafter
-
+def train(out: Path, steps: int | None = None, recipe: str = SHIPPED_RECIPE) -> Path:
     torch.set_num_threads(2)
     RECIPE = RECIPES[recipe]  # noqa: N806 (the recipe's constants)
     out = Path(out)
@@ -110,8 +115,8 @@ def train(out: Path, steps: int | None = None, recipe: str = SHIPPED) -> Path:
                                    draft_vocab=vocab, keep_visual=RECIPE["keep_visual"])
     init = None
     if RECIPE["init"]:  # the drafter of the recipe named: the shipped one when it is that, else trained first
-        shipped = json.loads((SHIPPED_DRAFTER / "report.json").read_text())["recipe"]["name"]
-        init = SHIPPED_DRAFTER if shipped == RECIPE["init"] else train(out / f"init-{RECIPE['init']}", recipe=RECIPE["init"])
+        shipped = json.loads((DRAFTER_DIR / "report.json").read_text())["recipe"]["name"]
+        init = DRAFTER_DIR if shipped == RECIPE["init"] else train(out / f"init-{RECIPE['init']}", recipe=RECIPE["init"])
     opts = TrainOptions(out=out / "dream", steps=steps or RECIPE["steps"], lr=RECIPE["lr"], batch=RECIPE["batch"],
                         seed=RECIPE["seed"], keep_visual=RECIPE["keep_visual"], prompt_loss=RECIPE["prompt_loss"],
                         init=init)
@@ -134,15 +139,6 @@ def train(out: Path, steps: int | None = None, recipe: str = SHIPPED) -> Path:
 def _datasets(out: Path, RECIPE: dict):  # noqa: N803 (the recipe's constants)
     """The target and the recipe's examples (built into OUT's feature caches once, read back later):
     (model, processor, samples, train_set, held)."""
-    import numpy as np
-
-    from ...drafter.model import DrafterConfig
-    from ...export.exporter import load_target
-    from ...train.cli import weights_digest
-    from ...train.data import Sample, load_samples
-    from ...train.features import build_cache, load_examples
-    from . import ensure_smolvlm_smollm2
-
     source = str(ensure_smolvlm_smollm2())
     model, processor = load_target(source)
     samples = [Sample([], p) for p in instructions("train")] + load_samples(f"scenes:{RECIPE['scenes']}", seed=RECIPE["seed"])
@@ -184,11 +180,6 @@ def report_agreement(out: Path, model, processor, train_set: list[dict], held: l
     split ``dream-bench`` and the peers benchmark draw their text prompts from; features cached in
     OUT/features-heldout), on the held-out scenes, and on text it was trained on: the gap between the last two
     text rows is how far the drafter generalises. Added to OUT/report.json."""
-    from ...drafter.model import DrafterConfig, DreamDrafter
-    from ...train.data import Sample
-    from ...train.features import build_cache, load_examples
-    from ...train.trainer import agreement
-
     image = int(model.config.image_token_id)
     drafter = DreamDrafter.load(Path(out) / "dream" / "drafter", model.lm_head.weight)
     probe = DrafterConfig.for_target(model.config.text_config)
@@ -207,10 +198,8 @@ def report_agreement(out: Path, model, processor, train_set: list[dict], held: l
     return rows
 
 
-def agreement_only(out: Path, recipe: str = SHIPPED) -> dict:
+def agreement_only(out: Path, recipe: str = SHIPPED_RECIPE) -> dict:
     """``report_agreement`` for a drafter already trained into OUT (its caches are read back)."""
-    import torch
-
     torch.set_num_threads(2)
     model, processor, _, train_set, held = _datasets(Path(out), RECIPES[recipe])
     return report_agreement(Path(out), model, processor, train_set, held, RECIPES[recipe])
@@ -226,10 +215,6 @@ def self_instructed(model, processor, out: Path, n: int, seed: int, openers: boo
                     candidates: list[int], fingerprint: dict) -> list[dict]:
     """Feature examples for ``n`` requests written by the target (cached in OUT/selfinstruct[-sSEED].json, then in
     OUT/features-selfinstruct[-sSEED] like any other samples); ``openers``: begun with ``selfinstruct.OPENERS``."""
-    from ...train.data import Sample
-    from ...train.features import build_cache, load_examples
-    from ...train.selfinstruct import OPENERS, cached_self_instructions
-
     tag = f"-s{seed}" if (seed, openers) != (0, False) else ""
     prompts = cached_self_instructions(model, processor, n, seed, out / f"selfinstruct{tag}.json",
                                        openers=OPENERS if openers else None)
@@ -245,9 +230,6 @@ def template_examples(model, processor, out: Path, seed: int, max_new_tokens: in
     """Feature examples for ``requests.template_requests(seed)``: greedy answers written by llama.cpp from the wheel's
     GGUF (OUT/template-answers.json, ``requests.llama_cpp_answers``), then the target's own features and next-token
     distributions over prompt + answer (OUT/features-templates)."""
-    from ...train.data import Sample, chat_text
-    from ...train.features import build_cache, load_examples
-
     prompts = [r["prompt"] for r in template_requests(seed)]
     answers = llama_cpp_answers([chat_text(processor, p) for p in prompts], out / "template-answers.json",
                                 max_new_tokens)
@@ -259,11 +241,8 @@ def template_examples(model, processor, out: Path, seed: int, max_new_tokens: in
 
 def ship(out: Path, defaults: dict | None = None) -> Path:
     """Copy OUT/dream/drafter into the package with fp16 weights (temp folder, then rename)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     src = Path(out) / "dream" / "drafter"
-    tmp = SHIPPED_DRAFTER.with_name(SHIPPED_DRAFTER.name + ".tmp")
+    tmp = DRAFTER_DIR.with_name(DRAFTER_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in ("drafter_config.json", "training.json"):
@@ -272,21 +251,21 @@ def ship(out: Path, defaults: dict | None = None) -> Path:
     save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
     if (Path(out) / "report.json").is_file():
         shutil.copyfile(Path(out) / "report.json", tmp / "report.json")
-    old = SHIPPED_DRAFTER / "bundle_defaults.json"
+    old = DRAFTER_DIR / "bundle_defaults.json"
     if defaults is None and old.is_file():
         defaults = json.loads(old.read_text())
     (tmp / "bundle_defaults.json").write_text(json.dumps(defaults or {}, indent=1))
-    shutil.rmtree(SHIPPED_DRAFTER, ignore_errors=True)
-    os.replace(tmp, SHIPPED_DRAFTER)
-    return SHIPPED_DRAFTER
+    shutil.rmtree(DRAFTER_DIR, ignore_errors=True)
+    os.replace(tmp, DRAFTER_DIR)
+    return DRAFTER_DIR
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("artifacts/smollm2-drafter"))
     ap.add_argument("--steps", type=int, default=None, help=f"override the recipe's {RECIPE['steps']} steps")
-    ap.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED, help=f"default {SHIPPED}, the one that ships")
-    ap.add_argument("--ship", action="store_true", help="copy the trained drafter into dream_export/presets")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default=SHIPPED_RECIPE, help=f"default {SHIPPED_RECIPE}, the one that ships")
+    ap.add_argument("--ship", action="store_true", help="copy the trained drafter into dream_export/presets/smolvlm_smollm2/drafter")
     ap.add_argument("--agreement", action="store_true", help="only (re)compute OUT's agreement rows in its report.json")
     args = ap.parse_args(argv)
     if args.ship:

@@ -10,7 +10,7 @@ docstring). The tower and every base weight stay frozen; what learns:
   ("red circle", "white" for the background); then trained;
 - LoRA factors (peft, rank 16, alpha 32) on q/k/v/o/gate/up/down of all 30 layers.
 Data: one sequence per scene with the image once and every question type as its own segment over the
-shared prefix (``train_tiny.shared_prefix_batch``: the loss of seven single-question prompts), ChatML
+shared prefix (``train.scene_training.shared_prefix_batch``: the loss of seven single-question prompts), ChatML
 prompts with SmolLM2's default system prompt, loss on answer tokens only (logits computed only there).
 Question types are weighted by how often they are still wrong on held-out scenes. Seeded; each step's
 data depends only on the step number, so a resumed run is the same run. Checkpoints every
@@ -31,10 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from runtime.preprocess import Idefics3Preprocessor
+
+from ...scenes import COLORS, HELDOUT_SEED, NUM_CLASSES, QUESTION_TYPES, SHAPES, class_index, random_scene
+from ...targets import adapter_for
+from ...train.scene_training import (ScenePool, evaluate_torch, log, question_weights, shared_prefix_batch, text_hidden,
+                                     vision_example)
 from . import ADAPTER, LORA_TARGETS, TRAINING, build_base, lora_names
 
-TRAIN_SEED, HELDOUT_SEED = 2_000, 9_000_000   # evaluation seeds (dream-eval) start at 10,000_000
+TRAIN_SEED = 2_000  # below scenes.HELDOUT_SEED, as every training seed
 TEXT_PROBES = ("What is the capital of France?", "Write one sentence about the sea.")
 
 
@@ -73,9 +80,6 @@ def connector_tokens(model, feats: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fit_connector(model, tok, pre, scenes: int, seed: int, ridge: float = 1.0) -> dict:
     """Least squares from pixel-shuffled tower features to SmolLM2's embedding of each cell's class words."""
-    from ...scenes import COLORS, SHAPES, random_scene
-    from ...train_tiny import NUM_CLASSES, class_index, vision_example
-
     emb = model.model.text_model.embed_tokens.weight
 
     def words(text):
@@ -134,8 +138,6 @@ def load_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapter(model, path: Path, cfg: RecipeConfig, extra: dict) -> None:
-    from safetensors.torch import save_file
-
     meta = {"lora_rank": str(cfg.lora_rank), "lora_alpha": str(cfg.lora_alpha), "format": "dream-export-lora-v1",
             **{k: json.dumps(v) for k, v in extra.items()}}
     tmp = path.with_suffix(".tmp")
@@ -147,23 +149,11 @@ def save_adapter(model, path: Path, cfg: RecipeConfig, extra: dict) -> None:
 
 def answer_loss(model, x, mask, pos, labels, wt, total_weight: float) -> torch.Tensor:
     """HF's own layers over the shared-prefix mask; the norm and head only where an answer token is predicted."""
-    tm = model.model.text_model
-    position_embeddings = tm.rotary_emb(x, pos)
-    h = x
-    for layer in tm.layers:
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=position_embeddings)
-        h = h[0] if isinstance(h, tuple) else h
+    h = text_hidden(model, x, mask, pos)
     sel = labels != -100
-    logits = model.lm_head(tm.norm(h[sel]))
+    logits = model.lm_head(model.model.text_model.norm(h[sel]))
     tok_loss = F.cross_entropy(logits, labels[sel], reduction="none")
     return (tok_loss * wt[sel]).sum() / total_weight
-
-
-def log(out: Path, record: dict) -> None:
-    record = {"time": time.strftime("%H:%M:%S"), **record}
-    print(json.dumps(record), flush=True)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -178,33 +168,43 @@ def text_probe(model, processor, max_new_tokens: int = 24) -> list[str]:
     return answers
 
 
-def train(cfg: RecipeConfig) -> Path:
-    from runtime.preprocess import Idefics3Preprocessor
+class Run:
+    """Where a training run stands: OUT, its state (step, elapsed time, held-out accuracy) and the wall clock, which
+    a resumed run adds to the time its earlier processes took."""
 
-    from ...scenes import QUESTION_TYPES
-    from ...targets import adapter_for
-    from ...train_tiny import ScenePool, evaluate_torch, shared_prefix_batch
+    def __init__(self, out: Path):
+        self.started = time.time()
+        self.out = out
+        self.state_file, self.ckpt = out / "state.json", out / "ckpt.safetensors"
+        fresh = {"step": 0, "elapsed_s": 0.0}
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() and self.ckpt.is_file() else fresh
+        self.elapsed_before = self.state["elapsed_s"]
 
-    t_start = time.time()
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_file, ckpt = out / "state.json", out / "ckpt.safetensors"
-    state = json.loads(state_file.read_text()) if state_file.is_file() and ckpt.is_file() else {"step": 0, "elapsed_s": 0.0}
-    elapsed_before = state["elapsed_s"]
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
 
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t_start
+    def checkpoint(self, model, opt) -> None:
+        """The trainable tensors, the optimizer and the state, each replaced atomically."""
+        out = self.out
+        self.state["elapsed_s"] = self.elapsed()
+        save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()}, out / "ckpt.tmp")
+        torch.save(opt.state_dict(), out / "optim.tmp")
+        os.replace(out / "ckpt.tmp", self.ckpt)
+        os.replace(out / "optim.tmp", out / "optim.pt")
+        (out / "state.tmp").write_text(json.dumps(self.state))
+        os.replace(out / "state.tmp", self.state_file)
 
+
+def prepare_model(cfg: RecipeConfig, run: Run):
+    """The assembled base model with every base weight frozen, the connector fitted (on a fresh run) and LoRA added:
+    (model, processor, preprocessor, connector parameters, LoRA parameters), the last two trainable."""
     model, processor = build_base()
-    tok = processor.tokenizer
     pre = Idefics3Preprocessor(adapter_for(model, processor).preprocessing())
     for p in model.parameters():
         p.requires_grad_(False)
-    if state["step"] == 0:
-        state["connector_fit"] = fit_connector(model, tok, pre, cfg.init_scenes, cfg.seed + 17)
-        log(out, {"event": "connector fit", **state["connector_fit"]})
+    if run.state["step"] == 0:
+        run.state["connector_fit"] = fit_connector(model, processor.tokenizer, pre, cfg.init_scenes, cfg.seed + 17)
+        log(run.out, {"event": "connector fit", **run.state["connector_fit"]})
     add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     for p in model.model.connector.parameters():
         p.requires_grad_(True)
@@ -212,63 +212,81 @@ def train(cfg: RecipeConfig) -> Path:
     lora_params = [p for n, p in model.model.text_model.named_parameters() if "lora_" in n]
     for p in lora_params:
         p.requires_grad_(True)
+    return model, processor, pre, conn_params, lora_params
+
+
+def resume(run: Run, model, opt) -> None:
+    """Load the last checkpoint's trainable tensors and optimizer state into a run past step 0."""
+    load_trainable(model, load_file(run.ckpt))
+    opt_file = run.out / "optim.pt"
+    if opt_file.is_file():
+        opt.load_state_dict(torch.load(opt_file, weights_only=True))
+    log(run.out, {"event": "resume", "step": run.state["step"], "elapsed_min": round(run.elapsed_before / 60, 1)})
+
+
+def lr_scale(cfg: RecipeConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% at ``cfg.steps``."""
+    warm = min(1.0, (step + 1) / cfg.warmup)
+    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
+
+
+def train_step(cfg: RecipeConfig, model, opt, pool: ScenePool, step: int, acc: dict, params: list) -> torch.Tensor:
+    """One optimizer step on ``cfg.batch`` scenes, every question type of each; the data depends only on ``step``."""
+    rng = np.random.default_rng(cfg.seed * 1_000_003 + TRAIN_SEED + step)
+    model.train()
+    weights = question_weights(acc)
+    idx = rng.integers(len(pool.items), size=cfg.batch)
+    eou = pool.tok.convert_tokens_to_ids("<|im_end|>")
+    raw = [pool.sequence(int(i), rng, eou, weights) for i in idx]
+    seqs = [(prefix, connector_tokens(model, feats), segs) for prefix, feats, segs in raw]
+    x, mask, pos, labels, wt = shared_prefix_batch(model, seqs, model.config.image_token_id)
+    total = sum(w for _, _, segs in seqs for _, _, w in segs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # AVX512-BF16 matmuls: ~1.5x faster than fp32 here
+        loss = answer_loss(model, x, mask, pos, labels, wt, total)
+    for g, base in zip(opt.param_groups, (cfg.lr_connector, cfg.lr_lora)):
+        g["lr"] = base * lr_scale(cfg, step)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
+def finish(cfg: RecipeConfig, run: Run, model, params: list) -> Path:
+    """The last checkpoint, OUT/adapter.safetensors (what ships) and OUT/training.json (its record)."""
+    state = run.state
+    state["elapsed_s"] = run.elapsed()
+    record = {"config": asdict(cfg), "steps": state["step"], "elapsed_min": round(state["elapsed_s"] / 60, 1),
+              "heldout_acc_torch": state.get("acc"), "connector_fit": state.get("connector_fit"),
+              "trainable_params": sum(p.numel() for p in params),
+              "finished": state["step"] >= cfg.steps}
+    save_adapter(model, run.out / "adapter.safetensors", cfg, {"steps": state["step"]})
+    (run.out / "training.json").write_text(json.dumps(record, indent=1))
+    log(run.out, {"event": "done", **{k: record[k] for k in ("steps", "elapsed_min", "finished")}})
+    return run.out / "adapter.safetensors"
+
+
+def train(cfg: RecipeConfig) -> Path:
+    out = Path(cfg.out)
+    run = Run(out)  # the clock starts here
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model, processor, pre, conn_params, lora_params = prepare_model(cfg, run)
+    params = conn_params + lora_params
     opt = torch.optim.AdamW([{"params": conn_params, "lr": cfg.lr_connector}, {"params": lora_params, "lr": cfg.lr_lora}],
                             betas=(0.9, 0.98), weight_decay=0.0)
-    base_lrs = [cfg.lr_connector, cfg.lr_lora]
-    if state["step"] > 0:
-        from safetensors.torch import load_file
-
-        load_trainable(model, load_file(ckpt))
-        opt_file = out / "optim.pt"
-        if opt_file.is_file():
-            opt.load_state_dict(torch.load(opt_file, weights_only=True))
-        log(out, {"event": "resume", "step": state["step"], "elapsed_min": round(elapsed_before / 60, 1)})
-
+    if run.state["step"] > 0:
+        resume(run, model, opt)
     pool = ScenePool(model, processor, pre, TRAIN_SEED, cfg.pool_scenes, "caching tower features",
                      encode=vision_features, answer_prefix="", dtype=torch.float16)
-    eou = tok.convert_tokens_to_ids("<|im_end|>")
-    image_token_id = model.config.image_token_id
+    state = run.state
     acc = state.get("acc") or {t: 0.0 for t in QUESTION_TYPES}
-
-    def lr_scale(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup)
-        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps)))
-
-    def checkpoint():
-        from safetensors.torch import save_file
-
-        state["elapsed_s"] = elapsed()
-        save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()}, out / "ckpt.tmp")
-        torch.save(opt.state_dict(), out / "optim.tmp")
-        os.replace(out / "ckpt.tmp", ckpt)
-        os.replace(out / "optim.tmp", out / "optim.pt")
-        (out / "state.tmp").write_text(json.dumps(state))
-        os.replace(out / "state.tmp", state_file)
-
-    deadline_s = cfg.max_minutes * 60
-    while state["step"] < cfg.steps and elapsed() < deadline_s:
-        step = state["step"]
-        rng = np.random.default_rng(cfg.seed * 1_000_003 + TRAIN_SEED + step)
-        model.train()
-        need = {t: 1.0 - acc.get(t, 0.0) + 0.3 for t in QUESTION_TYPES}
-        mean_need = sum(need.values()) / len(need)
-        weights = {t: v / mean_need for t, v in need.items()}
-        idx = rng.integers(len(pool.items), size=cfg.batch)
-        raw = [pool.sequence(int(i), rng, eou, weights) for i in idx]
-        seqs = [(prefix, connector_tokens(model, feats), segs) for prefix, feats, segs in raw]
-        x, mask, pos, labels, wt = shared_prefix_batch(model, seqs, image_token_id)
-        total = sum(w for _, _, segs in seqs for _, _, w in segs)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # AVX512-BF16 matmuls: ~1.5x faster than fp32 here
-            loss = answer_loss(model, x, mask, pos, labels, wt, total)
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * lr_scale(step)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(conn_params + lora_params, 1.0)
-        opt.step()
-        state["step"] = step + 1
+    while state["step"] < cfg.steps and run.elapsed() < cfg.max_minutes * 60:
+        loss = train_step(cfg, model, opt, pool, state["step"], acc, params)
+        state["step"] += 1
         if state["step"] % 10 == 0:
-            log(out, {"step": state["step"], "loss": round(loss.item(), 4), "elapsed_min": round(elapsed() / 60, 2)})
+            log(out, {"step": state["step"], "loss": round(loss.item(), 4), "elapsed_min": round(run.elapsed() / 60, 2)})
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             model.eval()
             acc = evaluate_torch(model, processor, HELDOUT_SEED, cfg.eval_scenes)
@@ -276,17 +294,9 @@ def train(cfg: RecipeConfig) -> Path:
             log(out, {"step": state["step"], "heldout_acc": {k: round(v, 3) for k, v in acc.items()},
                       "text": text_probe(model, processor)})
         if state["step"] % cfg.ckpt_every == 0:
-            checkpoint()
-    checkpoint()
-    state["elapsed_s"] = elapsed()
-    record = {"config": asdict(cfg), "steps": state["step"], "elapsed_min": round(state["elapsed_s"] / 60, 1),
-              "heldout_acc_torch": state.get("acc"), "connector_fit": state.get("connector_fit"),
-              "trainable_params": sum(p.numel() for p in conn_params + lora_params),
-              "finished": state["step"] >= cfg.steps}
-    save_adapter(model, out / "adapter.safetensors", cfg, {"steps": state["step"]})
-    (out / "training.json").write_text(json.dumps(record, indent=1))
-    log(out, {"event": "done", **{k: record[k] for k in ("steps", "elapsed_min", "finished")}})
-    return out / "adapter.safetensors"
+            run.checkpoint(model, opt)
+    run.checkpoint(model, opt)
+    return finish(cfg, run, model, params)
 
 
 def ship(out: Path) -> Path:

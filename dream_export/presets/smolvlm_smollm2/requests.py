@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import random
 
-from . import ROOM
+from . import PRESET_DIR
 
-INSTRUCTIONS = ROOM / "instructions.jsonl"
+INSTRUCTIONS = PRESET_DIR / "instructions.jsonl"
 
 
 def instructions(split: str) -> list[str]:

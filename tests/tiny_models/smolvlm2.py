@@ -52,7 +52,7 @@ def build_tiny_smolvlm2(out_dir: str | Path, spec: TinySmolVLM2Spec = TinySmolVL
     from transformers import (GenerationConfig, PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration,
                               SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor)
 
-    from .tiny import TOKENIZER_DIR
+    from dream_export.presets.smolvlm_tiny.architecture import TOKENIZER_DIR
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TOKENIZER_DIR))
     tokenizer.add_tokens(["<video>"], special_tokens=True)

@@ -51,8 +51,8 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, spec: TinyQwen25VLSpec = TinyQwen
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor)
 
-    from .tiny import load_tokenizer
-    from .tiny_llava import build_model, save_model
+    from dream_export.presets.smolvlm_tiny.architecture import load_tokenizer
+    from .llava import build_model, save_model
 
     tokenizer = load_tokenizer()
     tokenizer.add_tokens(QWEN_TOKENS, special_tokens=True)

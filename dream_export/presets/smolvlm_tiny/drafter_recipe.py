@@ -1,7 +1,7 @@
 """Train the DREAM drafter that ships with ``smolvlm-tiny``, and the two ablations trained the same way.
 
-    python -m dream_export.train_tiny_drafter --out artifacts/tiny-drafters            # train (resumable)
-    python -m dream_export.train_tiny_drafter --out artifacts/tiny-drafters --ship     # copy DREAM into the package
+    python -m dream_export.presets.smolvlm_tiny.drafter_recipe --out artifacts/tiny-drafters            # train (resumable)
+    python -m dream_export.presets.smolvlm_tiny.drafter_recipe --out artifacts/tiny-drafters --ship     # copy DREAM into the package
 
 One feature cache (the target's own greedy answers on ``scenes:N``, self-distilled once) feeds three
 drafters with the same data, seed, steps and schedule:
@@ -22,22 +22,22 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from ...drafter.model import DrafterConfig
+from ...export.exporter import load_target
+from ...train.cli import weights_digest
+from ...train.data import load_samples
+from ...train.features import build_cache, load_examples
+from ...train.trainer import TrainOptions, train_drafter
+from . import DRAFTER_DIR, ensure_smolvlm_tiny
+
 RECIPE = {"data": "scenes:1600", "seed": 0, "steps": 4000, "lr": 2e-3, "batch": 8, "heldout": 24, "max_new_tokens": 64,
           "minutes": 12.0}  # the shipped drafter trains at most this long; the ablations then run exactly as many steps
 VARIANTS = {"dream": ("dream", 0.75), "concat": ("concat", 0.75), "dream-keep1.0": ("dream", 1.0)}
 
 
 def train_all(out: Path, variants=tuple(VARIANTS), steps: int | None = None) -> dict:
-    import torch
-
-    from .drafter.model import DrafterConfig
-    from .export.exporter import load_target
-    from .presets.smolvlm_tiny import ensure_smolvlm_tiny
-    from .train.cli import weights_digest
-    from .train.data import load_samples
-    from .train.features import build_cache, load_examples
-    from .train.trainer import TrainOptions, train_drafter
-
     torch.set_num_threads(2)
     source = str(ensure_smolvlm_tiny())
     model, processor = load_target(source)
@@ -72,16 +72,14 @@ def train_all(out: Path, variants=tuple(VARIANTS), steps: int | None = None) -> 
 
 def ship(out: Path, tree: dict | None) -> Path:
     """Copy out/dream/drafter into the package (temp folder, then rename), with the tree to export it with."""
-    from .presets.smolvlm_tiny import SHIPPED_DRAFTER
-
     src = out / "dream" / "drafter"
-    tmp = SHIPPED_DRAFTER.with_name(SHIPPED_DRAFTER.name + ".tmp")
+    tmp = DRAFTER_DIR.with_name(DRAFTER_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     (tmp / "bundle_defaults.json").write_text(json.dumps({"tree": tree}, indent=1))
-    shutil.rmtree(SHIPPED_DRAFTER, ignore_errors=True)
-    os.replace(tmp, SHIPPED_DRAFTER)
-    return SHIPPED_DRAFTER
+    shutil.rmtree(DRAFTER_DIR, ignore_errors=True)
+    os.replace(tmp, DRAFTER_DIR)
+    return DRAFTER_DIR
 
 
 def main(argv=None):
@@ -89,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("artifacts/tiny-drafters"))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--steps", type=int, default=None, help=f"override the recipe's {RECIPE['steps']} steps")
-    ap.add_argument("--ship", action="store_true", help="copy the trained DREAM drafter into dream_export/presets")
+    ap.add_argument("--ship", action="store_true", help="copy the trained DREAM drafter into dream_export/presets/smolvlm_tiny/drafter")
     ap.add_argument("--tree", default=None, help="N,D,K to record as the shipped default tree")
     args = ap.parse_args(argv)
     if args.ship:

@@ -48,7 +48,7 @@ class TinyLlavaSpec:
 def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    from .tiny import load_tokenizer
+    from dream_export.presets.smolvlm_tiny.architecture import load_tokenizer
 
     tokenizer = load_tokenizer()
     out_dir = Path(out_dir)
@@ -80,7 +80,7 @@ def build_tiny_llava_next(out_dir: str | Path, spec: TinyLlavaNextSpec = TinyLla
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    from .tiny import load_tokenizer
+    from dream_export.presets.smolvlm_tiny.architecture import load_tokenizer
 
     tokenizer = load_tokenizer()
     out_dir = Path(out_dir)

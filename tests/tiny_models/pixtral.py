@@ -51,8 +51,8 @@ def build_tiny_pixtral(out_dir: str | Path, spec: TinyPixtralSpec = TinyPixtralS
     from transformers import (LlavaConfig, LlavaForConditionalGeneration, Mistral3Config,
                               Mistral3ForConditionalGeneration, PixtralImageProcessorPil, PixtralProcessor)
 
-    from .tiny import load_tokenizer
-    from .tiny_llava import build_model, save_model
+    from dream_export.presets.smolvlm_tiny.architecture import load_tokenizer
+    from .llava import build_model, save_model
 
     tokenizer = load_tokenizer()
     tokenizer.add_tokens(PIXTRAL_TOKENS, special_tokens=True)

@@ -51,7 +51,7 @@ def build_tiny_gemma3(out_dir: str | Path, spec: TinyGemma3Spec = TinyGemma3Spec
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
                               GenerationConfig, PreTrainedTokenizerFast)
 
-    from .tiny import TOKENIZER_DIR
+    from dream_export.presets.smolvlm_tiny.architecture import TOKENIZER_DIR
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(
         str(TOKENIZER_DIR),

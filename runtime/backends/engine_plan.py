@@ -1,27 +1,29 @@
-"""The TensorRT backend's plan layer: pure Python, no TensorRT, no GPU, so all it decides is tested on the CPU.
+"""What a bundle needs on a GPU backend, decided from its manifest alone: pure Python, no TensorRT, no GPU, so all
+of it is tested on the CPU. Both GPU paths use it: the TensorRT backend (``trt.py``) for everything below, ONNX
+Runtime's TensorRT provider for the profiles (``ort.trt_profile_options``) and its device decoder for the buffers.
 
-What it decides, from the manifest alone:
 - **engines and optimization profiles**: one engine per graph, with the profiles every call of the runtime
-  needs (vision: 1..max tiles, or one image of any size up to the longest edge; decoder: prefill, step and verify; drafter graphs: catch-up and tree levels).
-  ``Plan.profile_for(graph, shapes)`` names the profile that serves a call, or says why none does;
+  needs (vision: 1..max tiles, or one image of any size up to the longest edge; decoder: prefill, step and
+  verify; drafter graphs: catch-up and tree levels). ``Plan.profile_for(graph, shapes)`` names the profile that
+  serves a call, or says why none does;
 - **where engines live**: ``engines/<gpu>-sm<cc>-trt<version>-<precision>/`` in the bundle, each engine with the
   sha256 of the graph it was built from. A changed graph, GPU, TensorRT version or precision gives another key
   or a failed check, so an engine is rebuilt, never silently reused (``EngineCache``);
-- **device buffers**: the KV caches preallocated to ``max_positions`` + the tree, written in place, and what
-  each kind of call copies back to the host (only the rows acceptance needs).
-
-The layer that executes a plan with TensorRT and CUDA is separate and thin: ``trt.py``.
+- **device buffers**: the KV caches preallocated to ``max_positions`` + the tree, written in place, what each
+  kind of call copies back to the host (only the rows acceptance needs) and the device copies that keep an
+  accepted path's K/V rows (``kv_row_copies``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "bool": 1}
+from ..bundle import DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,6 @@ def engine_dir(bundle: Path, gpu_name: str, compute_capability: tuple[int, int],
 def graph_digest(manifest: dict, graph: str) -> str:
     """What an engine of ``graph`` depends on, as one sha256: the graph file's and each of its external-data files'
     sha256 (from the verified manifest), so new weights behind an unchanged graph also mean a rebuild."""
-    import hashlib
-
     entry = manifest["graphs"][graph]
     files = manifest.get("files") or {}
     parts = [f"{name}={files.get(name, '?')}" for name in [entry["file"], *sorted(entry.get("external_data", []))]]
@@ -289,8 +289,6 @@ def engine_key(manifest: dict, plan: "Plan", graph: str, builder_flags: dict) ->
     """What an engine of ``graph`` depends on beyond its folder's GPU / TensorRT / precision, as one sha256: the
     graph and its weights (``graph_digest``), every profile's shapes, the builder flags and ``BUILD_FORMAT``.
     Any of them changed means another key, so a stale engine is rebuilt, never reused."""
-    import hashlib
-
     record = {"graph": graph_digest(manifest, graph), "profiles": profile_shapes(plan, graph),
               "flags": {str(k): str(v) for k, v in sorted(builder_flags.items())}, "format": BUILD_FORMAT}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

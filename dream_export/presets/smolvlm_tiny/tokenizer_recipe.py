@@ -1,4 +1,4 @@
-"""Regenerate the shipped tokenizer of ``smolvlm-tiny``: ``python -m dream_export.presets.make_tokenizer``.
+"""Regenerate the shipped tokenizer of ``smolvlm-tiny``: ``python -m dream_export.presets.smolvlm_tiny.tokenizer_recipe``.
 
 The corpus is the scenes task's vocabulary plus common English, so arbitrary prompts still tokenize
 sensibly (byte-level BPE covers every string anyway). Training is deterministic for this corpus.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 
-from .tiny import TOKENIZER_DIR, build_tokenizer
+from .architecture import TOKENIZER_DIR, build_tokenizer
 
 COLORS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]

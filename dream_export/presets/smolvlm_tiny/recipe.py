@@ -1,7 +1,7 @@
 """Train the built-in ``smolvlm-tiny`` on synthetic scenes, on a CPU, resumably.
 
-    python -m dream_export.train_tiny --out artifacts/tiny-train            # from scratch (or resume)
-    python -m dream_export.train_tiny --out artifacts/tiny-train --ship     # copy the result into the package
+    python -m dream_export.presets.smolvlm_tiny.recipe --out artifacts/tiny-train            # from scratch (or resume)
+    python -m dream_export.presets.smolvlm_tiny.recipe --out artifacts/tiny-train --ship     # copy the result into the package
 
 Two stages, each moved on by held-out accuracy, never by the clock:
   A. vision: the SigLIP-style tower + connector learn the scene ground truth. Each image token predicts
@@ -32,15 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from runtime.preprocess import Idefics3Preprocessor
 
-from .presets.tiny import TinyVLMSpec, build_tiny_vlm
-from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, grade, qa_pairs, random_scene
+from ...scenes import HELDOUT_SEED, NUM_CLASSES, QUESTION_TYPES, random_scene
+from ...targets import adapter_for
+from ...train.scene_training import (ScenePool, evaluate_torch, log, question_weights, shared_prefix_batch, text_logits,
+                                     vision_example, vision_tokens)
+from . import MODEL_DIR
+from .architecture import TinyVLMSpec, build_tiny_vlm
 
-NUM_CLASSES = 1 + len(COLORS) * len(SHAPES)  # 0 = empty
-TRAIN_SEED, HELDOUT_SEED = 1_000, 9_000_000    # evaluation seeds elsewhere start at 10_000_000
+TRAIN_SEED = 1_000  # below scenes.HELDOUT_SEED, as every training seed
 
 
 # The built-in model's shape: 12 thin text layers (SmolVLM-256M has 30 of 576), hidden 128, GQA 4/2.
@@ -76,56 +78,7 @@ class TrainConfig:
     max_hours: float = 2.0
 
 
-# --- ground truth for stage A -------------------------------------------------------------------
-
-def class_index(color: str, kind: str) -> int:
-    return 1 + list(COLORS).index(color) * len(SHAPES) + SHAPES.index(kind)
-
-
-def label_map(scene: Scene) -> np.ndarray:
-    """[H,W] uint8 class map drawn with the renderer's geometry (no anti-aliasing)."""
-    img = Image.new("L", (scene.width, scene.height), 0)
-    draw = ImageDraw.Draw(img)
-    for s in scene.shapes:
-        r, v = s.size / 2, class_index(s.color, s.kind)
-        box = [s.cx - r, s.cy - r, s.cx + r, s.cy + r]
-        if s.kind == "circle":
-            draw.ellipse(box, fill=v)
-        elif s.kind == "square":
-            draw.rectangle(box, fill=v)
-        else:
-            draw.polygon([(s.cx, s.cy - r), (s.cx - r, s.cy + r), (s.cx + r, s.cy + r)], fill=v)
-    return np.array(img)
-
-
-def cell_labels(frame: np.ndarray, grid: int, min_frac: float = 0.1) -> np.ndarray:
-    """[grid*grid] labels: the majority non-empty class of each cell when it covers >= min_frac of it."""
-    h = frame.shape[0] // grid
-    out = np.zeros(grid * grid, dtype=np.int64)
-    for r in range(grid):
-        for c in range(grid):
-            cell = frame[r * h:(r + 1) * h, c * h:(c + 1) * h].ravel()
-            counts = np.bincount(cell, minlength=NUM_CLASSES)
-            counts[0] = 0
-            if counts.max() >= min_frac * cell.size:
-                out[r * grid + c] = int(counts.argmax())
-    return out
-
-
-def class_counts(scene: Scene) -> np.ndarray:
-    counts = np.zeros(NUM_CLASSES - 1, dtype=np.int64)
-    for s in scene.shapes:
-        counts[class_index(s.color, s.kind) - 1] += 1
-    return counts
-
-
-def vision_example(scene: Scene, pre: Idefics3Preprocessor, grid: int):
-    frames, _, _ = pre.frames(np.array(scene.render()), int(pre.cfg["resample"]))
-    labels, _, _ = pre.frames(label_map(scene)[..., None].repeat(3, -1), Image.NEAREST)
-    tiles = np.stack([pre._normalize(f) for f in frames])
-    cells = np.stack([cell_labels(lab[..., 0], grid) for lab in labels])
-    return tiles, cells, class_counts(scene)
-
+# --- stage A: the tower learns the scenes' ground truth ------------------------------------------------
 
 class VisionProbe(torch.nn.Module):
     """Heads on the connector's image tokens, used only while pretraining the tower."""
@@ -141,146 +94,6 @@ class VisionProbe(torch.nn.Module):
         pooled = tokens[global_index].mean(1)                       # [B, H]
         counts = self.count(pooled).view(-1, NUM_CLASSES - 1, 5)    # [B, 12, 0..4]
         return cells, counts
-
-
-def vision_tokens(model, tiles: torch.Tensor) -> torch.Tensor:
-    return model.model.get_image_features(pixel_values=tiles[None]).pooler_output[0].view(tiles.shape[0], -1, model.config.text_config.hidden_size)
-
-
-# --- stage B data ----------------------------------------------------------------------------------
-
-class ScenePool:
-    """Scenes with their frozen image tokens cached, and the chat template split around the question.
-
-    One training sequence per scene holds the shared prefix (the user turn up to the end of the image)
-    once and then one segment per question (question, assistant header, answer), each segment seeing
-    only the prefix and itself (``shared_prefix_batch``): the same loss as one sequence per question,
-    for a fraction of the tokens, because the image tokens are most of every sequence."""
-
-    MARK = "\ue000"  # a private-use character where the question goes
-
-    def __init__(self, model, processor, pre, seed: int, count: int, desc: str, encode=None, answer_prefix: str = " ",
-                 dtype=torch.float32):
-        """``encode(model, tiles) -> [tokens, D]`` is what gets cached per scene (default: the frozen connector's
-        image tokens); ``answer_prefix`` is what the template puts between the assistant header and the answer."""
-        from rich.progress import track
-
-        from runtime.chat import render, user_turn
-
-        rng = np.random.default_rng(seed)
-        encode = encode or (lambda m, tiles: vision_tokens(m, tiles).reshape(-1, m.config.text_config.hidden_size))
-        self.answer_prefix = answer_prefix
-        self.items = []
-        self.tok = processor.tokenizer
-        self.template = processor.chat_template
-        self.pre = pre
-        text = render(self.template, user_turn(1, self.MARK))
-        if text.count(self.MARK) != 1:
-            raise ValueError("the chat template must place the question text exactly once")
-        self.head, self.tail = text.split(self.MARK)
-        model.eval()
-        for _ in track(range(count), description=desc, transient=True):
-            scene = random_scene(rng)
-            img = pre.image(scene.render())
-            with torch.no_grad():
-                emb = encode(model, torch.from_numpy(img.tiles))
-            image_text = pre.image_text(img)
-            prefix = self.tok(self.head.replace(pre.cfg["image_token"], image_text, 1), add_special_tokens=True)["input_ids"]
-            self.items.append((scene, image_text, emb.to(dtype), prefix))
-        # the split must tokenize exactly as the whole prompt does (it ends on a special token)
-        scene, image_text, _, prefix = self.items[0]
-        for qa in qa_pairs(scene, rng):
-            if prefix + self.segment(qa.prompt) != self.prompt_ids(image_text, qa.prompt):
-                raise RuntimeError("the chat template does not tokenize the same when split before the question")
-
-    def prompt_ids(self, image_text: str, prompt: str) -> list[int]:
-        from runtime.chat import render, user_turn
-
-        text = render(self.template, user_turn(1, prompt)).replace(self.pre.cfg["image_token"], image_text, 1)
-        return self.tok(text, add_special_tokens=True)["input_ids"]
-
-    def segment(self, prompt: str) -> list[int]:
-        return self.tok(prompt + self.tail, add_special_tokens=False)["input_ids"]
-
-    def answer(self, text: str, eou: int) -> list[int]:
-        return self.tok(self.answer_prefix + text, add_special_tokens=False)["input_ids"] + [eou]
-
-    def sequence(self, i: int, rng: np.random.Generator, eou: int, weights: dict[str, float]):
-        """The scene's prefix ids, its image tokens, and one (question ids, answer ids, weight) per question type."""
-        scene, _, emb, prefix = self.items[i]
-        segs = [(self.segment(qa.prompt), self.answer(qa.answer, eou), weights[qa.qtype]) for qa in qa_pairs(scene, rng)]
-        return prefix, emb, segs
-
-
-def shared_prefix_batch(model, seqs, image_token_id: int):
-    """inputs_embeds [B,L,H], additive mask [B,1,L,L], position ids [B,L], labels [B,L] and per-token
-    loss weights [B,L] for sequences of a shared prefix and independent question segments.
-
-    A segment attends to the prefix and causally to itself, and its positions continue from the end of
-    the prefix, so each answer is predicted exactly as from the single-question prompt. Each answer's
-    tokens share its weight equally (an answer's loss is its mean over tokens)."""
-    embed = model.model.text_model.embed_tokens
-    lengths = [len(p) + sum(len(q) + len(a) for q, a, _ in segs) for p, _, segs in seqs]
-    B, L, H = len(seqs), max(lengths), embed.weight.shape[1]
-    x = torch.zeros(B, L, H)
-    allowed = torch.zeros(B, L, L, dtype=torch.bool)
-    pos = torch.zeros(B, L, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    wt = torch.zeros(B, L)
-    for b, (prefix, emb, segs) in enumerate(seqs):
-        ids = list(prefix)
-        n = len(prefix)
-        allowed[b, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-        pos[b, :n] = torch.arange(n)
-        start = n
-        for q, a, w in segs:
-            m = len(q) + len(a)
-            ids += q + a
-            allowed[b, start:start + m, :n] = True
-            allowed[b, start:start + m, start:start + m] = torch.ones(m, m, dtype=torch.bool).tril()
-            pos[b, start:start + m] = n + torch.arange(m)
-            first = start + len(q) - 1  # the question's last token predicts the answer's first
-            labels[b, first:first + len(a)] = torch.tensor(a)
-            wt[b, first:first + len(a)] = w / len(a)
-            start += m
-        ids_t = torch.tensor(ids)
-        e = embed(ids_t)
-        slots = (ids_t == image_token_id).nonzero().squeeze(1)
-        x[b, :start] = e.index_put((slots,), emb)
-        pad = torch.arange(start, L)
-        allowed[b, pad, pad] = True  # padding rows see themselves only (no empty softmax)
-    mask = torch.zeros(B, 1, L, L).masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-    return x, mask, pos, labels, wt
-
-
-def text_logits(model, x, mask, pos):
-    """The text model and head over a custom 4-D mask and explicit positions (HF's layers, unchanged)."""
-    tm = model.model.text_model
-    position_embeddings = tm.rotary_emb(x, pos)
-    h = x
-    for layer in tm.layers:
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=position_embeddings)
-        h = h[0] if isinstance(h, tuple) else h
-    return model.lm_head(tm.norm(h))
-
-
-# --- evaluation --------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate_torch(model, processor, seed: int, scenes: int, max_new_tokens: int = 48) -> dict:
-    """Greedy exact-answer accuracy per question type, through transformers' generate."""
-    from .scenes import scene_examples
-
-    model.eval()
-    hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
-    for scene, qa in scene_examples(seed, scenes):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa.prompt}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        enc = processor(text=text, images=[[scene.render()]], return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        answer = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        hits[qa.qtype].append(grade(qa, scene, answer))
-    return {t: float(np.mean(v)) for t, v in hits.items() if v}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -324,13 +137,6 @@ def load_ckpt(out: Path, model, probe):
 
 
 # --- the stages --------------------------------------------------------------------------------------
-
-def log(out: Path, record: dict) -> None:
-    record = {"time": time.strftime("%H:%M:%S"), **record}
-    print(json.dumps(record), flush=True)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
 
 def stage_a(cfg: TrainConfig, model, pre, out: Path, state: dict, probe, optim_state, deadline: float):
     grid = TINY_SPEC.tile // TINY_SPEC.patch // TINY_SPEC.scale_factor
@@ -399,10 +205,7 @@ def stage_b(cfg: TrainConfig, model, processor, pre, out: Path, state: dict, opt
     acc = state.get("b_acc") or {t: 0.0 for t in QUESTION_TYPES}
     while state["b_step"] < cfg.b_max_steps and time.time() < deadline:
         model.train()
-        # every question type of each scene, weighted by how often it is still wrong (floor 0.3)
-        need = {t: 1.0 - acc.get(t, 0.0) + 0.3 for t in QUESTION_TYPES}
-        mean_need = sum(need.values()) / len(need)
-        weights = {t: v / mean_need for t, v in need.items()}
+        weights = question_weights(acc)  # every question type of each scene, weighted by how often it is still wrong
         idx = rng.integers(len(pool.items), size=cfg.b_batch)
         seqs = [pool.sequence(int(i), rng, eou, weights) for i in idx]
         x, mask, pos, labels, wt = shared_prefix_batch(model, seqs, image_token_id)
@@ -443,8 +246,6 @@ def train(cfg: TrainConfig) -> Path:
         build_tiny_vlm(init, TINY_SPEC)
     model = Idefics3ForConditionalGeneration.from_pretrained(init).float()
     processor = AutoProcessor.from_pretrained(init)
-    from .targets import adapter_for
-
     pre = Idefics3Preprocessor(adapter_for(model, processor).preprocessing())  # the manifest's own preprocessing
     probe = VisionProbe(TINY_SPEC.hidden)
     state, optim_state = load_ckpt(out, model, probe)
@@ -478,14 +279,12 @@ def train(cfg: TrainConfig) -> Path:
 
 def ship(final: Path) -> Path:
     """Copy the trained model into the package, where ``smolvlm-tiny`` finds it."""
-    from .presets.smolvlm_tiny import SHIPPED
-
-    tmp = SHIPPED.with_name(SHIPPED.name + ".tmp")
+    tmp = MODEL_DIR.with_name(MODEL_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(final, tmp)
-    shutil.rmtree(SHIPPED, ignore_errors=True)
-    os.replace(tmp, SHIPPED)
-    return SHIPPED
+    shutil.rmtree(MODEL_DIR, ignore_errors=True)
+    os.replace(tmp, MODEL_DIR)
+    return MODEL_DIR
 
 
 def main(argv=None):
@@ -494,7 +293,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-hours", type=float, default=2.0)
     ap.add_argument("--b-max-steps", type=int, default=TrainConfig.b_max_steps)
-    ap.add_argument("--ship", action="store_true", help="copy out/final into dream_export/presets/smolvlm_tiny")
+    ap.add_argument("--ship", action="store_true", help="copy out/final into dream_export/presets/smolvlm_tiny/model")
     args = ap.parse_args(argv)
     if args.ship:
         print(f"shipped to {ship(Path(args.out) / 'final')}")

@@ -1,11 +1,12 @@
-"""Build small SmolVLM-architecture models offline from transformers' own config classes.
+"""smolvlm-tiny's architecture: small SmolVLM-architecture models built offline from transformers' own config classes.
 
 Everything here goes through the same classes and ``save_pretrained`` / ``from_pretrained`` path as a
 real SmolVLM checkpoint: an ``Idefics3ForConditionalGeneration`` (SigLIP-style vision tower, pixel-shuffle
 connector, Llama text model) plus an ``Idefics3Processor`` (image splitting, chat template) around a
 byte-level BPE tokenizer trained locally with ``tokenizers``.
 
-Deliberately not handled here: training (see ``dream_export.train_tiny``) and anything downloaded.
+The built-in model is ``TinyVLMSpec`` as its ``recipe`` sets it; tests and benchmarks build other shapes with
+``build_tiny_vlm``. Deliberately not handled here: training (``recipe``) and anything downloaded.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SPECIAL_TOKENS = (
     + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 )
 
-TOKENIZER_DIR = Path(__file__).with_name("smolvlm_tiny_tokenizer")
+TOKENIZER_DIR = Path(__file__).with_name("tokenizer")  # written by tokenizer_recipe
 
 
 @dataclass(frozen=True)

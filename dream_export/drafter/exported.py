@@ -51,7 +51,7 @@ class _Attention:
         return out.reshape(1, heads, -1, hd)
 
 
-class LeanDrafter(nn.Module):
+class ExportedDrafter(nn.Module):
     """Same forward signature and outputs as the wrapped drafter (batch 1)."""
 
     def __init__(self, drafter: nn.Module):
