@@ -63,7 +63,7 @@ class PlainDecoder(DecoderRunner):
         for i, (kn, vn) in enumerate(zip(self.names["past_key"], self.names["past_value"])):
             feeds[kn], feeds[vn] = self.cache.past(i)
         out = self.backend.run("decoder", feeds)
-        self._pending = ([out[n] for n in self.names["present_key"]], [out[n] for n in self.names["present_value"]], q)
+        self._pending = ("call", [out[n] for n in self.names["present_key"]], [out[n] for n in self.names["present_value"]], q)
         if embeds.shape[1] != q:
             out = {name: self._first_rows(name, a, q) for name, a in out.items()}
         return out
@@ -71,8 +71,7 @@ class PlainDecoder(DecoderRunner):
     def _first_rows(self, name: str, a: np.ndarray, q: int) -> np.ndarray:
         """Output ``name`` of a padded call without the pad row."""
         if name in self.names["present_key"] or name in self.names["present_value"]:
-            axis = self.cache.keys[0].axis if self.cache.keys else 1
-            return np.take(a, np.arange(q), axis=axis)
+            return np.take(a, np.arange(q), axis=self.cache.keys[0].axis)
         if name == "attention_received":  # [1, P + Q]: the pad's column (it received nothing) goes
             return a[:, : self.length + q]
         return a[:, :q]  # logits, hidden states: [1, Q, ...]
@@ -89,7 +88,7 @@ class PlainDecoder(DecoderRunner):
         for c, chain in enumerate(rows):
             nodes = chain[: int(depth[chain[-1]]) + 1]  # a chain shorter than the widest repeats its leaf
             out = self.run(embeds[:, nodes], None, p + np.arange(len(nodes)))
-            pending.append(self._pending)
+            pending.append(self._pending[1:3])
             if logits is None:
                 logits = np.empty((1, n, out["logits"].shape[-1]), np.float32)
                 hidden = np.empty((1, n, out["hidden_states"].shape[-1]), np.float32)
@@ -102,12 +101,13 @@ class PlainDecoder(DecoderRunner):
         return {"logits": logits, "hidden_states": hidden}
 
     def commit(self, rows=None):
-        if self._pending[0] == "tree":  # the accepted path: the rows of the chain that holds its last node
-            _, pending, chain_of = self._pending
-            keys, values, _ = pending[int(chain_of[int(rows[-1])])]
+        kind, *pending = self._pending
+        if kind == "tree":  # the accepted path: the rows of the chain that holds its last node
+            by_chain, chain_of = pending
+            keys, values = by_chain[int(chain_of[int(rows[-1])])]
             rows = np.arange(len(rows))
         else:
-            keys, values, q = self._pending
+            keys, values, q = pending
             if rows is None:
                 rows = np.arange(q)
         self.cache.append(keys, values, rows)
