@@ -1,6 +1,6 @@
 """Where DREAM's decode time goes on this machine, for one bundle, in one process, and what that allows.
 
-    python benchmarks/loop_costs.py --bundle B [--text 20] [--images 6] [--max-new-tokens 96] [--rounds 2]
+    python benchmarks/loop_costs.py --bundle B [--text 20] [--images 6] [--max-new-tokens 96] [--rounds 2] [--oracle N]
 
 Decodes held-out instructions and scenes plainly and speculatively, in turn, with every target call and every
 draft-graph call timed inside the decode loop (not alone: in the loop the target's weights evict the drafter's
@@ -10,6 +10,11 @@ from the caches). Prints
   speculative step (Python: the tree search, acceptance, bookkeeping) per step;
 - the speedup a cycle's cost allows, tau / (verify(rows) + draft + rest) in plain steps, at the measured mean
   rows and acceptance and at higher acceptances: how good a drafter must be for a given speedup here.
+
+``--oracle N``: the ceiling a perfect drafter would reach with this bundle's costs. The drafter still runs every
+step (its cost stays in the loop), but the chain the target verifies is the next N tokens of the plain run's own
+answer (so every drafted token is accepted until the answer ends): tau is N + 1 and each verify holds N + 1 rows.
+With N above the draft graph's depth the draft cost is that of the shipped depth (understated).
 
 The written ORT-CPU decoder (`--cpu-precision int8|int4` bundles) is timed per call; other decoders are not.
 Not a test: nothing here asserts.
@@ -58,6 +63,31 @@ def timed(pipe, state: dict) -> None:
     pipe.backend.run = graph_call
 
 
+def oracle(pipe, state: dict, n: int) -> None:
+    """Replace every drafted tree by the next ``n`` tokens of ``state["answer"]`` (the plain run's tokens), after the
+    drafter has run as usual."""
+    from runtime.speculative import SpeculativeDecoder
+    from runtime.tree import DraftTree
+
+    unrolled, stepwise = SpeculativeDecoder._draft_unrolled, SpeculativeDecoder._draft_stepwise
+    begin = SpeculativeDecoder.begin
+
+    def remember_prompt(self, logits):
+        self._oracle_prompt = self.dec.length  # the prompt, prefilled
+        return begin(self, logits)
+
+    def oracle_tree(self, *budget):
+        (stepwise(self, *budget) if budget else unrolled(self))  # the drafter's real work, its proposal discarded
+        emitted = self.dec.length - self._oracle_prompt + 1  # tokens emitted so far; the root is the last of them
+        chain = [int(t) for t in (state.get("answer") or [])[emitted: emitted + n]]
+        k = len(chain)
+        return DraftTree(np.array([self.root, *chain], np.int64), np.zeros(k + 1), np.arange(-1, k, dtype=np.int64),
+                         np.arange(k + 1, dtype=np.int64))
+
+    SpeculativeDecoder.begin = remember_prompt
+    SpeculativeDecoder._draft_unrolled = SpeculativeDecoder._draft_stepwise = oracle_tree
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True)
@@ -65,6 +95,10 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2, help="plain and DREAM passes over the prompts, alternated")
+    ap.add_argument("--tree", help="N,D,K[,L[,min_logp]]: decode with this tree instead of the bundle's (a depth or top-k "
+                    "other than the draft graph's drafts level by level with the drafter graph)")
+    ap.add_argument("--oracle", type=int, default=0, metavar="N",
+                    help="verify the plain answer's next N tokens instead of the drafted tree (a perfect drafter)")
     args = ap.parse_args(argv)
 
     from runtime.ort_threads import use_global_pool
@@ -73,11 +107,17 @@ def main(argv=None) -> None:
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(args.bundle)
+    if args.tree:
+        from runtime.tree import TreeSpec
+
+        pipe.tree_spec = TreeSpec.parse(args.tree)
     if not pipe.has_drafter:
         sys.exit(f"{args.bundle}: no drafter in this bundle")
     times = {mode: defaultdict(list) for mode in (False, True, None)}  # None: untimed (warm-up, equality check)
     state = {"times": times[None]}
     timed(pipe, state)
+    if args.oracle:
+        oracle(pipe, state, args.oracle)
     decode = {False: [0, 0.0], True: [0, 0.0]}
     accepts, same = [], True
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +131,7 @@ def main(argv=None) -> None:
             for spec in (False, True):
                 for i, (paths, prompt) in enumerate(items):
                     state["times"] = times[spec]
+                    state["answer"] = outputs.get(i)
                     r = pipe.generate(paths, prompt, max_new_tokens=args.max_new_tokens, speculative=spec)
                     decode[spec][0] += max(r.num_new_tokens - 1, 0)
                     decode[spec][1] += r.decode_s
