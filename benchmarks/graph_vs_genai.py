@@ -82,7 +82,8 @@ def genai(session, gdir: Path, past: int):
     """(session, bound IOBinding) of onnxruntime-genai's decoder graph for one token after ``past`` positions."""
     import onnxruntime as ort
 
-    cfg = json.loads((gdir / "genai_config.json").read_text())["model"]["decoder"]
+    model = json.loads((gdir / "genai_config.json").read_text())["model"]
+    cfg = model["decoder"]
     io = session.io_binding()
     kvh, hd, layers = cfg["num_key_value_heads"], cfg["head_size"], cfg["num_hidden_layers"]
     names = cfg["inputs"], cfg["outputs"]
@@ -97,7 +98,7 @@ def genai(session, gdir: Path, past: int):
             io.bind_ortvalue_output(present_name % i, value)
     io.bind_cpu_input(names[0]["input_ids"], np.array([[123]], np.int64))
     io.bind_cpu_input(names[0]["attention_mask"], np.ones((1, past + 1), np.int64))
-    logits = np.empty((1, 1, json.loads((gdir / "genai_config.json").read_text())["model"]["vocab_size"]), np.float32)
+    logits = np.empty((1, 1, model["vocab_size"]), np.float32)
     keep.append(logits)
     io.bind_output(names[1]["logits"], "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
     return session, io, keep
