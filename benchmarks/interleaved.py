@@ -7,7 +7,9 @@ then each held-out instruction and scene is decoded by every (bundle, plain / DR
 reversed on every other prompt. On a machine whose speed drifts over minutes this compares conditions under the
 same conditions, which separate processes (benchmarks/peers.py) cannot. Prints decode tokens/s per condition, the
 ratio to the mean of the plain rows, the mean acceptance length, and whether each DREAM run produced its plain
-run's tokens. Not a test: nothing here asserts.
+run's tokens. ``--lone-rows NAME=alone`` / ``NAME=padded`` decides for one bundle whether a 1-row call runs beside a
+copy of its row (``runtime/chains.py``) instead of asking the CPU: load the same bundle under two names to measure
+what the padding costs. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lone-rows", action="append", default=[], metavar="NAME=padded|alone",
+                    help="run that bundle's lone rows beside a copy (padded) or alone (not exact on a CPU whose int8 "
+                         "kernels treat a lone row apart): what the padding costs; default: as the runtime asks the CPU")
     args = ap.parse_args(argv)
 
     from runtime.ort_threads import use_global_pool
@@ -45,6 +50,12 @@ def main(argv=None) -> None:
         for spec in args.bundle:
             name, folder = spec.split("=", 1)
             pipes[name] = Pipeline.from_bundle(folder, threads=args.threads)
+            for forced in args.lone_rows:
+                target, how = forced.split("=", 1)
+                if how not in ("padded", "alone"):
+                    sys.exit(f"--lone-rows {forced!r}: expected NAME=padded or NAME=alone")
+                if target == name:
+                    pipes[name].pad_lone_rows = how == "padded"
             pipes[name].warm(True)
             for speculative in (False, True):  # untimed: first calls allocate
                 pipes[name].generate(*text[0], max_new_tokens=8, speculative=speculative)

@@ -5,6 +5,10 @@ and attention gives the same bits only when a row's window is the context follow
 contiguous. So a verify call holds each distinct tree node once for the projections and MLPs, and attention
 runs with one chain per batch entry of GroupQueryAttention, each over its own copy of the context's K/V.
 
+Lone rows: on CPUs whose int8 MatMul kernels compute a 1-row call their own way (AVX2 without AVX-512 VNNI, measured),
+a call with one token row or one logits row runs it beside a copy of itself (``lone_row_differs``, asked once per
+pipeline at load; about +8% per plain step there), so that every product has 2 rows or more, as a verify's do.
+
 Buffers: ``kv [layers, 2, chains, kv_heads, capacity, head_dim]``; slot 0 is the primary copy. A call with C
 chains binds slots 0..C-1 of every layer as both past and present, so ORT writes each chain's new rows in place
 at [P, P+L) of its slot. Accepting a path keeps the rows of the chain that holds it (they sit at P + depth, no
@@ -69,6 +73,7 @@ class ChainDecoder(DecoderRunner):
         self.cos, self.sin = cos, sin
         self.length = 0
         self.track_attention = False  # prefills report the attention each position receives (the drafter's images)
+        self.pad_single = False  # a 1-row call runs beside a copy of its row (``lone_row_differs``)
         # kv[layer, key/value, slot, kv_heads, capacity, head_dim]; rows >= a slot's valid length are scratch
         self._kv = np.zeros((self.layers, 2, self.chains, self.kvh, min(capacity, 512), self.hd), np.float32)
         self._scratch = np.zeros((self.layers, 2, 1, self.kvh, 16, self.hd), np.float32)  # unused chain slots
@@ -122,16 +127,41 @@ class ChainDecoder(DecoderRunner):
                 self._kv[:, :, c, :, v:self.length] = self._kv[:, :, 0, :, v:self.length]
                 self._valid[c] = self.length
 
+    # --- one row alone ------------------------------------------------------------------------------
+    def lone_row_differs(self, row: np.ndarray) -> bool:
+        """Whether this machine computes a 1-row call differently from the same row beside another: run ``row`` ([H], a
+        token embedding) at position 0 alone, then beside a copy of itself, and compare logits and hidden states bit
+        for bit. MatMulNBits with int8 compute takes its own kernel for one row on some CPUs (measured: AVX2 without
+        AVX-512 VNNI, ~1e-6 apart, which int8 rounding grows to whole logits) and not on others. Leaves the decoder
+        empty; sets ``pad_single`` to the answer."""
+        if self.length:
+            raise ValueError("lone_row_differs runs on an empty decoder")
+        x = np.asarray(row, np.float32)[None]
+        chain = np.zeros((1, 1), np.int64)
+        self.pad_single = False
+        alone = self._call(x, chain, np.zeros(1, np.int64), np.zeros(1, np.int64))
+        pair = self._call(np.concatenate([x, x]), chain, np.zeros(2, np.int64), np.zeros(2, np.int64))  # the LM head too
+        self.pad_single = not (np.array_equal(alone["logits"][:, 0], pair["logits"][:, 0])
+                               and np.array_equal(alone["hidden_states"][:, 0], pair["hidden_states"][:, 0]))
+        self._pending = None
+        return self.pad_single
+
     # --- calls --------------------------------------------------------------------------------------
     def _call(self, embeds: np.ndarray, rows: np.ndarray, slots: np.ndarray, logit_rows: np.ndarray) -> dict:
         used, width = rows.shape
         if used > self.chains:
             raise ValueError(f"{used} chains in one call; this graph holds at most {self.chains}")
+        n, m = embeds.shape[0], len(logit_rows)
+        if self.pad_single and 1 in (n, m):  # every MatMul (the LM head's too) on 2 rows or more: a lone row runs beside
+            # a copy of itself (``lone_row_differs``), whose outputs are dropped
+            out = self._call(embeds if n > 1 else np.concatenate([embeds, embeds]), rows,
+                             slots if n > 1 else np.repeat(slots, 2), logit_rows if m > 1 else np.repeat(logit_rows, 2))
+            return {"logits": out["logits"][:, :m], "hidden_states": out["hidden_states"][:, :n],
+                    "last_query": out["last_query"][:n]}
         self._ensure(max(width, self.min_len))
         self._sync(used)
         session, io = self._binding(used)
         size = next(c for c in self.sessions if c >= used)
-        n = embeds.shape[0]
         full = np.zeros((size, width), np.int64)
         full[:used] = rows
         seqlens = np.full(size, width - 1, np.int32)   # unused slots: a fresh sequence over scratch

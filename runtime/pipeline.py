@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from .backends import make_backend
 from .bundle import Bundle
+from .chains import ChainDecoder
 from .chat import render, user_turn
 from .context import Context
 from .decoder import FusedOrtDecoder, make_decoder, written_cpu_graphs
@@ -84,6 +85,9 @@ class Pipeline:
         self.unrolled_draft: bool | None = None  # None: the one-call draft_tree graph when it fits the tree
         self.lock = threading.RLock()  # one call at a time (see stream_chat); a Session holds it too
         self._reusable = None  # (image fingerprints, Context) of the last stream_chat(reuse=True)
+        # written-graph decoders run a lone row beside a copy of itself (ChainDecoder.pad_single): None asks this CPU
+        # once, at the first decoder (ChainDecoder.lone_row_differs); True / False decide (benchmarks of its cost)
+        self.pad_lone_rows: bool | None = None
         runtime_cfg = m.get("runtime") or {}
         mode = runtime_cfg.get("speculative", True)  # a bool, or per prompt kind: {"text": bool, "image": bool}
         mode = mode if isinstance(mode, dict) else {"text": mode, "image": mode}
@@ -216,6 +220,10 @@ class Pipeline:
     def new_decoder(self, slack: int = 0) -> DecoderRunner:
         """A decoder with a fresh cache for one sequence; ``slack`` extra rows hold a draft tree at the end."""
         dec = make_decoder(self.backend, self.bundle, self.max_positions + slack, self.fused)
+        if isinstance(dec, ChainDecoder):  # exactness on CPUs whose int8 kernels compute a lone row their own way
+            if self.pad_lone_rows is None:
+                self.pad_lone_rows = dec.lone_row_differs(self.embed(np.array([min(self.stop_ids)]))[0])
+            dec.pad_single = self.pad_lone_rows
         if self.has_drafter and float(self.bundle.manifest["drafter"].get("keep_visual", 1.0)) < 1.0:
             dec.track_attention = True  # visual token compression ranks image tokens by the attention they receive
         return dec

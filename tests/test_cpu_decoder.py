@@ -54,6 +54,39 @@ def test_verify_rows_equal_plain_steps_bitwise(precision, written_bundles):
         assert_tree_rows_are_plain_steps(pipe, "Describe a red square.", tokens, parents)
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_lone_rows_run_beside_a_copy_where_this_cpu_needs_it(precision, written_bundles):
+    """The load-time question (does this CPU compute a 1-row MatMulNBits call its own way?) is asked once per pipeline
+    and leaves the decoder empty. Padded lone rows (forced here, whatever this CPU answered) equal the same rows of
+    wider calls bit for bit, the LM head included, and return the unpadded shapes."""
+    from runtime.chains import ChainDecoder
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(written_bundles[precision])
+    dec = pipe.new_decoder()
+    assert isinstance(dec, ChainDecoder) and dec.length == 0
+    assert isinstance(pipe.pad_lone_rows, bool) and dec.pad_single == pipe.pad_lone_rows
+    again = pipe.new_decoder()
+    assert again.pad_single == pipe.pad_lone_rows
+    prefix = pipe.prompt_embeds(pipe.prepare([], "Describe a red square."))
+    x = pipe.embed(np.array([5, 9, 11]))
+
+    def call(pad, embeds, rows, slots, logit_rows):
+        d = pipe.new_decoder()
+        pipe.step(d, prefix)
+        d.pad_single = pad
+        return d._call(embeds, np.array(rows), np.array(slots), np.array(logit_rows))
+
+    wide = call(False, x, [[0, 1, 2]], [0, 1, 2], [0, 1, 2])
+    lone = call(True, x[:1], [[0]], [0], [0])
+    assert lone["logits"].shape == (1, 1, wide["logits"].shape[-1]) and lone["hidden_states"].shape == (1, 1, x.shape[1])
+    np.testing.assert_array_equal(lone["logits"][0, 0], wide["logits"][0, 0])
+    np.testing.assert_array_equal(lone["hidden_states"][0, 0], wide["hidden_states"][0, 0])
+    last = call(True, x, [[0, 1, 2]], [0, 1, 2], [2])  # three rows, one logits row: the head runs on two
+    assert last["logits"].shape[1] == 1
+    np.testing.assert_array_equal(last["logits"][0, 0], wide["logits"][0, 2])
+
+
 def test_a_tree_with_more_chains_than_the_graph_holds_is_refused(written_bundles):
     from runtime.pipeline import Pipeline
 

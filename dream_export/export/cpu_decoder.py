@@ -10,8 +10,11 @@ states are an output (the drafter's features), and logits are computed only for 
 Exactness by construction. With int8 compute, a 1-ulp difference anywhere grows through the layers, so a
 position must be computed with bit-identical arithmetic whether it is a plain decoding step or a row of a
 draft-tree verify. Three facts make that hold here (``tests/test_cpu_decoder.py`` proves it bitwise):
-- MatMulNBits at accuracy level 4 (block 32) computes each row independently of the other rows of the call
-  (the int8 quantization of the activations is per row and block); so do the norms and element-wise ops.
+- MatMulNBits at accuracy level 4 (block 32) computes each row of a call with 2 or more rows independently of the
+  other rows (the int8 quantization of the activations is per row and block); so do the norms and element-wise
+  ops. A 1-row call takes its own kernel on some CPUs (measured: AVX2 without AVX-512 VNNI, ~1e-6 apart) and not on
+  others (AVX-512 VNNI): the runtime asks the CPU once at load (``runtime/chains.py``, ``lone_row_differs``) and,
+  where it differs, runs a lone row beside a copy of itself, the LM head's single logits row included.
 - GroupQueryAttention takes its M == 1 GEMM kernel for a 1-row query; with 2 or more rows every row's
   scores, softmax and weighted sum depend only on that row and the K/V it sees. So attention never runs on
   a 1-row query: a 1-token call is padded to 2 rows inside the graph (the pad row repeats the last row; its
