@@ -20,10 +20,12 @@ class Context:
     def __init__(self, pipe, slack: int = 0):
         self.pipe = pipe
         self.dec = pipe.new_decoder(slack)
-        cap = self.dec.capacity
-        self.ids = np.zeros(cap, np.int64)
-        self.hidden = np.zeros((cap, int(pipe.text["hidden_size"])), np.float32)
-        self.received = np.zeros(cap, np.float64)   # summed over the queries of every prompt prefill
+        # per-position arrays grow by doubling up to the decoder's capacity (zeroing the whole context's worth, ~20 MB
+        # for 8k positions, cost every request milliseconds before its first token)
+        rows = min(self.dec.capacity, 1024)
+        self.ids = np.zeros(rows, np.int64)
+        self.hidden = np.zeros((rows, int(pipe.text["hidden_size"])), np.float32)
+        self.received = np.zeros(rows, np.float64)   # summed over the queries of every prompt prefill
         self._chunks: list[tuple[int, np.ndarray]] = []  # (start, that prefill's contribution to ``received``)
         self.image_embeds: np.ndarray | None = None  # [n_image_tokens, H]: what the image tokens stand for, in order
         self.image_grids: list | None = None  # (rows, cols) token grid per image: M-RoPE positions (runtime/rope.py)
@@ -34,6 +36,19 @@ class Context:
         """The prompt's image embeddings (``Pipeline.vision``) and each image's token grid."""
         self.image_embeds = embeds
         self.image_grids = [self.pipe.pre.token_grid(i) for i in images] if self.pipe.rope_axes == 3 else None
+
+    def _reserve(self, n: int) -> None:
+        """Room for positions < ``n`` in the per-position arrays."""
+        have = len(self.ids)
+        if n <= have:
+            return
+        rows = have
+        while rows < n:
+            rows *= 2
+        rows = max(min(rows, self.dec.capacity), n)
+        self.ids = np.concatenate([self.ids, np.zeros(rows - have, np.int64)])
+        self.hidden = np.concatenate([self.hidden, np.zeros((rows - have, self.hidden.shape[1]), np.float32)])
+        self.received = np.concatenate([self.received, np.zeros(rows - have, np.float64)])
 
     @property
     def length(self) -> int:
@@ -91,6 +106,7 @@ class Context:
             self.dec.rope = rope.mrope_table(ids, self.pipe.image_token_id, self.image_grids)
         embeds = prompt_embeds[:, c:] if prompt_embeds is not None else self.embeds_for(ids, c)[None]
         out = self.pipe.step(self.dec, embeds, ids[c:], logits="last")
+        self._reserve(n)
         self.ids[c:n] = ids[c:]
         self.hidden[c:n] = out["hidden_states"][0]
         if "attention_received" in out:
@@ -103,6 +119,7 @@ class Context:
     def record(self, start: int, tokens, hidden: np.ndarray) -> None:
         """Positions ``start..`` were committed to the decoder with these tokens and hidden states."""
         n = len(tokens)
+        self._reserve(start + n)
         self.ids[start:start + n] = tokens
         self.hidden[start:start + n] = hidden
 

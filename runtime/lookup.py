@@ -22,14 +22,18 @@ def lookup_continuation(seq: np.ndarray, n: int, image_token_id: int | None = No
     longest g in ``max_ngram``..``min_ngram`` that occurs; [] when none does. A continuation stops before an
     image token (never an answer token)."""
     seq = np.asarray(seq, np.int64)
-    if n <= 0 or len(seq) < 2:
+    m = len(seq)
+    if n <= 0 or m < 2:
         return []
-    for g in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
-        tail = seq[-g:]
-        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], g)  # starts 0 .. len-1-g: each has a next token
-        hits = np.flatnonzero((windows == tail).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + g
+    # ends j of earlier windows (each followed by a token: j <= m - 2) whose last token is the context's last; a
+    # g-gram matches where the g - 1 tokens before j match too (one pass over the context, then only the candidates)
+    ends = np.flatnonzero(seq[: m - 1] == seq[-1])
+    for g in range(min(max_ngram, m - 1), min_ngram - 1, -1):
+        hit = ends[ends >= g - 1]
+        for k in range(1, g):
+            hit = hit[seq[hit - k] == seq[m - 1 - k]]
+        if len(hit):
+            start = int(hit[-1]) + 1
             out = [int(t) for t in seq[start: start + n]]
             if image_token_id is not None and image_token_id in out:
                 out = out[: out.index(image_token_id)]

@@ -14,20 +14,28 @@ def dequantize_rows(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndar
     uint8, ``scales [N, K/block]``, optional packed zero points), in fp32: values low bits first within a byte, a
     missing zero point is the middle of the range (MatMulNBits' own rule)."""
     p = np.asarray(packed[rows])
+    n, blocks = p.shape[0], p.shape[1]
     if bits == 4:
-        q = np.stack([p & 0x0F, p >> 4], axis=-1).reshape(len(rows), p.shape[1], -1)
+        q = np.empty((n, blocks, 2 * p.shape[2]), np.float32)
+        q[..., 0::2] = p & 0x0F
+        q[..., 1::2] = p >> 4
     elif bits == 8:
-        q = p
+        q = p.astype(np.float32)
     else:
         raise BundleError(f"quantized token rows of {bits} bits: expected 4 or 8")
     if zero_points is None:
-        zp = np.full(q.shape[:2], 1 << (bits - 1), np.float32)
+        q -= np.float32(1 << (bits - 1))
     else:
         z = np.asarray(zero_points[rows])
-        zp = (np.stack([z & 0x0F, z >> 4], axis=-1).reshape(len(rows), -1) if bits == 4 else z)[:, : q.shape[1]]
-    s = np.asarray(scales[rows], np.float32).reshape(len(rows), -1)
-    out = (q.astype(np.float32) - zp.astype(np.float32)[..., None]) * s[..., None]
-    return out.reshape(len(rows), -1)[:, :columns]
+        if bits == 4:
+            zp = np.empty((n, 2 * z.shape[1]), np.float32)
+            zp[:, 0::2] = z & 0x0F
+            zp[:, 1::2] = z >> 4
+        else:
+            zp = z.astype(np.float32)
+        q -= zp[:, :blocks, None]
+    q *= np.asarray(scales[rows], np.float32).reshape(n, blocks, 1)
+    return q.reshape(n, -1)[:, :columns]
 
 
 class TokenRows:
@@ -42,8 +50,9 @@ class TokenRows:
             self.matrix = bundle.array(entry)
             return
         self.bits, self.columns = int(q["bits"]), int(q["columns"])
-        self.packed, self.scales = bundle.array(q["data"]), bundle.array(q["scales"])
-        self.zero_points = bundle.array(q["zero_points"]) if q.get("zero_points") else None
+        # plain views of the mapped file: numpy's memmap subclass costs more per gathered row than the rows do
+        self.packed, self.scales = np.asarray(bundle.array(q["data"])), np.asarray(bundle.array(q["scales"]))
+        self.zero_points = np.asarray(bundle.array(q["zero_points"])) if q.get("zero_points") else None
         if self.packed.shape[0] != self.scales.shape[0]:
             raise BundleError(f"{bundle.path}: quantized token rows: {self.packed.shape[0]} rows of data but "
                               f"{self.scales.shape[0]} of scales")

@@ -209,6 +209,36 @@ def test_lookup_continuation_copies_what_followed_the_latest_longest_match():
     assert lookup_continuation([3, 1, 6, 3, 1], 0) == [] and lookup_continuation([3], 4) == []
 
 
+def test_lookup_continuation_equals_a_direct_search_on_random_sequences():
+    """Against the definition written out plainly: for g from the longest down, the latest start s (s + g < len)
+    with seq[s:s+g] == the last g tokens; what follows, cut before an image token; the next g when that is empty."""
+    import numpy as np
+
+    from runtime.lookup import lookup_continuation
+
+    def direct(seq, n, image, max_ngram=3, min_ngram=1):
+        if n <= 0 or len(seq) < 2:
+            return []
+        for g in range(min(max_ngram, len(seq) - 1), min_ngram - 1, -1):
+            starts = [s for s in range(len(seq) - g) if seq[s:s + g] == seq[-g:]]
+            if starts:
+                out = seq[starts[-1] + g: starts[-1] + g + n]
+                out = out[: out.index(image)] if image in out else out
+                if out:
+                    return out
+        return []
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(3000):
+        seq = [int(t) for t in rng.integers(0, int(rng.integers(2, 8)), int(rng.integers(0, 40)))]
+        n, image, hi = int(rng.integers(0, 6)), int(rng.integers(0, 8)), int(rng.integers(1, 5))
+        expected = direct(seq, n, image, hi)
+        assert lookup_continuation(seq, n, image, max_ngram=hi) == expected, (seq, n, image, hi)
+        checked += bool(expected)
+    assert checked > 1000  # most cases found something to copy
+
+
 def test_tree_spec_lookup_parses_and_old_manifests_read_the_same():
     assert TreeSpec.parse("8,3,2") == TreeSpec(8, 3, 2) == TreeSpec.from_json({"total_tokens": 8, "depth": 3, "top_k": 2})
     assert TreeSpec.parse("8,3,2,6") == TreeSpec(8, 3, 2, 6)
