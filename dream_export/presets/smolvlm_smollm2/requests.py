@@ -120,37 +120,53 @@ def llama_cpp_answers(chat_texts: list[str], path, max_new_tokens: int, workers:
     the target's own forward pass over this text (teacher forcing), as EAGLE trains on text it did not write.
     Resumable: each worker appends to PATH.partK; PATH (JSON) is written once all are done."""
     import importlib.util
-    import os
     from concurrent.futures import ProcessPoolExecutor
     from pathlib import Path
 
     from ...errors import DreamExportError
 
     path = Path(path)
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached["chat_texts"] == chat_texts and cached["max_new_tokens"] == max_new_tokens:
-            return cached["answers"]
+    meta = {"max_new_tokens": max_new_tokens, "chat_texts": chat_texts}
+    cached = _cached(path, meta)
+    if cached is not None:
+        return cached
     if importlib.util.find_spec("llama_cpp") is None:
         raise DreamExportError(f"the drafter recipe writes its extra answers with llama.cpp, which is not installed: "
                                f"{LLAMA_HINT}")
     parts = [path.with_name(f"{path.name}.part{k}") for k in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_llama_worker, [(chat_texts[k::workers], str(parts[k]), max_new_tokens) for k in range(workers)]))
+    return _finish(path, parts, ("text",), chat_texts, meta)
+
+
+def _cached(path, meta: dict) -> list | None:
+    """The answers in PATH when it was written for exactly ``meta`` (prompts and settings), else None."""
+    if not path.is_file():
+        return None
+    cached = json.loads(path.read_text())
+    return cached["answers"] if all(cached.get(k) == v for k, v in meta.items()) else None
+
+
+def _finish(path, parts: list, fields: tuple, keys: list, meta: dict) -> list:
+    """Every worker's answers in ``keys`` order, written to PATH with ``meta`` (temp file, then rename); the workers'
+    files are removed."""
+    import os
+
     done = {}
     for part in parts:
-        done.update(_read_part(part))
-    answers = [done[t] for t in chat_texts]
+        done.update(_read_part(part, *fields))
+    answers = [done[k] for k in keys]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"max_new_tokens": max_new_tokens, "chat_texts": chat_texts, "answers": answers}))
+    tmp.write_text(json.dumps({**meta, "answers": answers}))
     os.replace(tmp, path)
     for part in parts:
         part.unlink()
     return answers
 
 
-def _read_part(part) -> dict[str, list[int]]:
-    """The complete lines of a worker's file (a line cut short by an interruption is dropped)."""
+def _read_part(part, *fields: str) -> dict:
+    """The complete lines of a worker's file (a line cut short by an interruption is dropped): answer by the row's
+    ``fields`` (one field: its value; several: a tuple)."""
     from pathlib import Path
 
     done = {}
@@ -160,23 +176,31 @@ def _read_part(part) -> dict[str, list[int]]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            done[row["text"]] = row["answer"]
+            done[row[fields[0]] if len(fields) == 1 else tuple(row[f] for f in fields)] = row["answer"]
+    return done
+
+
+def _resume(part, *fields: str) -> dict:
+    """``_read_part``, and the file rewritten with only its complete lines, so that new ones never follow a line cut
+    short."""
+    import os
+
+    done = _read_part(part, *fields)
+    tmp = f"{part}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps({**dict(zip(fields, key if len(fields) > 1 else (key,))), "answer": a}) + "\n"
+                     for key, a in done.items())
+    os.replace(tmp, part)
     return done
 
 
 def _llama_worker(job) -> int:
-    import os
-
     from llama_cpp import Llama
 
     from . import gguf_path
 
     texts, part, max_new_tokens = job
-    done = _read_part(part)
-    tmp = f"{part}.tmp"  # keep only complete lines, so that new ones never follow a line cut short
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps({"text": t, "answer": a}) + "\n" for t, a in done.items())
-    os.replace(tmp, part)
+    done = _resume(part, "text")
     llm = Llama(model_path=str(gguf_path()), n_threads=1, n_threads_batch=1, n_ctx=2048, n_batch=256, verbose=False)
     stop = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
     with open(part, "a") as f:
@@ -201,59 +225,28 @@ def bundle_answers(samples: list[tuple[list, str]], bundle, path, max_new_tokens
     ``workers`` processes of one thread each take every ``workers``-th sample. Resumable like ``llama_cpp_answers``:
     each worker appends to PATH.partK; PATH (JSON) is written once all are done."""
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
     from pathlib import Path
 
     path = Path(path)
     prompts = [p for _, p in samples]
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached["prompts"] == prompts and cached["max_new_tokens"] == max_new_tokens:
-            return cached["answers"]
+    meta = {"max_new_tokens": max_new_tokens, "prompts": prompts}
+    cached = _cached(path, meta)
+    if cached is not None:
+        return cached
     parts = [path.with_name(f"{path.name}.part{k}") for k in range(workers)]
     jobs = [(str(bundle), [(i, *samples[i]) for i in range(k, len(samples), workers)], str(parts[k]), max_new_tokens)
             for k in range(workers)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:  # no fork of torch's threads
         list(pool.map(_bundle_worker, jobs))
-    done = {}
-    for part in parts:
-        done.update(_read_indexed(part))
-    answers = [done[(i, p)] for i, p in enumerate(prompts)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"max_new_tokens": max_new_tokens, "prompts": prompts, "answers": answers}))
-    os.replace(tmp, path)
-    for part in parts:
-        part.unlink()
-    return answers
-
-
-def _read_indexed(part) -> dict[tuple[int, str], list[int]]:
-    """The complete lines of a ``bundle_answers`` worker's file, by (sample index, prompt)."""
-    from pathlib import Path
-
-    done = {}
-    if Path(part).is_file():
-        for line in Path(part).read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[(row["i"], row["prompt"])] = row["answer"]
-    return done
+    return _finish(path, parts, ("i", "prompt"), list(enumerate(prompts)), meta)
 
 
 def _bundle_worker(job) -> int:
-    import os
-
     from runtime.pipeline import Pipeline
 
     bundle, items, part, max_new_tokens = job
-    done = _read_indexed(part)
-    tmp = f"{part}.tmp"  # keep only complete lines, so that new ones never follow a line cut short
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps({"i": i, "prompt": p, "answer": a}) + "\n" for (i, p), a in done.items())
-    os.replace(tmp, part)
+    done = _resume(part, "i", "prompt")
     pipe = Pipeline.from_bundle(bundle, threads=1)
     with open(part, "a") as f:
         for i, images, prompt in items:
